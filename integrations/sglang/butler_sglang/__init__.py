@@ -1,0 +1,1 @@
+"""SGLang plugin: the ``tokenbutler`` decode attention backend."""

@@ -1,0 +1,1 @@
+"""Distillation and evaluation of TokenButler predictors (``butler-zoo train`` / ``butler-zoo eval``)."""
