@@ -192,7 +192,7 @@ class ButlerRuntime:
         policy = self._policy_for_call(kwargs)
         if not (decoding and enabled) or (self.dense_fallback and sparse.fits_dense(key.shape[2], policy)):
             if query.shape[2] == 1 and (self.stats is not None or self.recorder is not None):
-                start, end = sparse.valid_range(attention_mask, key.shape[2])
+                start, end = sparse.valid_range(attention_mask, key.shape[2], query.shape[0], query.device)
                 if self.stats is not None:
                     n = ((end - start) * key.shape[1]).sum()
                     self.stats.add(n, n)

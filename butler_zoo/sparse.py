@@ -15,11 +15,15 @@ from butler_zoo.policy import SparsePolicy
 __all__ = ["valid_range", "decode_step", "read_counts", "fits_dense"]
 
 
-def valid_range(attention_mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def valid_range(
+    attention_mask: torch.Tensor | None, length: int, batch: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(start, end)`` per row: the positions the decoded token may attend to, from the model's own
-    mask (left padding, unwritten static-cache slots and sliding windows all show up there)."""
+    mask (left padding, unwritten static-cache slots and sliding windows all show up there).
+
+    transformers passes no mask (``None``) only when every cached position may be attended."""
     if attention_mask is None:
-        raise ButlerError("sparse decode needs the attention mask; the tokenbutler mask function was bypassed")
+        return torch.zeros(batch, dtype=torch.long, device=device), torch.full((batch,), length, dtype=torch.long, device=device)
     m = attention_mask[:, 0, -1, :]
     ok = m if m.dtype == torch.bool else m == 0
     if ok.shape[-1] != length:
@@ -67,8 +71,8 @@ def decode_step(
     Returns ``(out [B, H_q, D], sel [B, H_kv, n], start, end)`` where ``sel`` holds the predicted
     positions read besides sinks and window (``-1`` = unused slot)."""
     length = key.shape[2]
-    start, end = valid_range(attention_mask, length)
-    if check_mask:
+    start, end = valid_range(attention_mask, length, q.shape[0], q.device)
+    if check_mask and attention_mask is not None:
         _check_contiguous(attention_mask, start, end)
     budget = policy.max_budget(length)
     per_row = ref.budget_for_rows(policy.budget, start, end, budget)
