@@ -73,18 +73,19 @@ def gather_positions(buf: torch.Tensor, token_table: torch.Tensor | None, length
 def score_tokens(q_sel: torch.Tensor, sketch: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Predicted importance of every cached token, per KV head: ``<q~, k~> / sqrt(d')``.
 
-    q_sel: ``[B, H_sel, d']`` with ``H_sel`` a multiple of ``num_kv_heads``; when the predictor
-    emits one query per *query* head, the scores of a KV head's group are max-reduced (one shared
-    selection per KV head is what makes the gather cheap).
-    sketch: dense ``[B, H_kv, T, d']``. Returns float32 ``[B, H_kv, T]``.
+    q_sel: ``[B, *rows, H_sel, d']`` with ``H_sel`` a multiple of ``num_kv_heads`` (``rows`` is empty
+    at decode; training and evaluation score many query rows at once). When the predictor emits one
+    query per *query* head, the scores of a KV head's group are max-reduced (one shared selection
+    per KV head is what makes the gather cheap).
+    sketch: dense ``[B, H_kv, T, d']``. Returns float32 ``[B, *rows, H_kv, T]``.
     """
-    b, h_sel, d = q_sel.shape
+    *lead, h_sel, d = q_sel.shape
     if h_sel % num_kv_heads:
         raise ValueError(f"{h_sel} predictor heads do not group evenly over {num_kv_heads} KV heads")
     group = h_sel // num_kv_heads
-    q = q_sel.float().view(b, num_kv_heads, group, d)
-    s = torch.einsum("bhgd,bhtd->bhgt", q, sketch.float()) / math.sqrt(d)
-    return s.amax(dim=2)
+    q = q_sel.float().reshape(*lead, num_kv_heads, group, d)
+    s = torch.einsum("b...hgd,bhtd->b...hgt", q, sketch.float()) / math.sqrt(d)
+    return s.amax(dim=-2)
 
 
 def select_topk(
