@@ -196,7 +196,7 @@ class ButlerRuntime:
                 if self.stats is not None:
                     n = ((end - start) * key.shape[1]).sum()
                     self.stats.add(n, n)
-                if self.recorder is not None and decoding:
+                if self.recorder is not None and decoding and not torch.compiler.is_compiling():
                     self.recorder.append((layer_idx, None, start.clone(), end.clone(), policy))
             return dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **clean)
 
@@ -226,7 +226,7 @@ class ButlerRuntime:
         if self.stats is not None:
             read, full = sparse.read_counts(sel, start, end, policy)
             self.stats.add(read, full)
-        if self.recorder is not None:
+        if self.recorder is not None and not torch.compiler.is_compiling():
             self.recorder.append((layer_idx, sel.detach().clone(), start.clone(), end.clone(), policy))
         return out[:, None], None  # transformers expects [B, q_len, H, D]
 
