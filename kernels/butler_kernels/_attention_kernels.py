@@ -1,0 +1,147 @@
+"""Triton kernels of budgeted decode attention (see ``budgeted_attention.py`` for the launcher).
+
+Imported lazily through ``_triton_loader.kernel_module``, in the mode Triton runs in.
+
+Flash-decoding over a *virtual* list of ``sinks + window + n_sel`` entries per (row, KV head):
+entry ``i`` is sink ``start + i``, then window position ``win_lo + i - sinks``, then ``sel[i -
+sinks - window]``; entries past the row's ranges and ``-1`` selections are masked. The list is
+split across programs (grid: KV head x split x row) so that batch 1 still fills the GPU; each
+program loads one K/V tile per block and uses it for every query head of the GQA group (the
+query heads are the M dimension of the dot), keeps an online softmax in fp32 and writes a
+normalised partial output and its base-2 log-sum-exp; ``_merge_kernel`` combines the splits.
+With a single split the first kernel writes the output directly.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attn_split_kernel(
+    q_ptr, stride_qb, stride_qh, stride_qd,
+    k_ptr, stride_k0, stride_k1, stride_k2, stride_kd,
+    v_ptr, stride_v0, stride_v1, stride_v2, stride_vd,
+    tt_ptr, stride_ttb, stride_ttt,
+    sel_ptr, stride_sb, stride_sh, stride_sn,
+    start_ptr, end_ptr,
+    po_ptr, plse_ptr,
+    o_ptr, stride_ob, stride_oh, stride_od,
+    n_sel, sinks, window, split_len, qk_scale,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    N_ITERS: tl.constexpr, PAGED: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    h = tl.program_id(0)
+    s = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    st = tl.load(start_ptr + b).to(tl.int32)
+    en = tl.load(end_ptr + b).to(tl.int32)
+    win_lo = tl.maximum(st, en - window)
+    sink_hi = tl.minimum(st + sinks, win_lo)
+    n_fixed = sinks + window
+    total = n_fixed + n_sel
+
+    g = tl.arange(0, G_PAD)
+    gmask = g < GROUP
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    q = tl.load(
+        q_ptr + b64 * stride_qb + (h * GROUP + g)[:, None] * stride_qh + dd[None, :] * stride_qd,
+        mask=gmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    sel_row = sel_ptr + b64 * stride_sb + h64 * stride_sh
+    i_lo = s * split_len
+    i_hi = tl.minimum(i_lo + split_len, total)
+    # A counted loop (split_len = N_ITERS * BLOCK_N) so that the compiler can pipeline the loads.
+    # The count is static for a fixed budget; a constexpr also keeps the interpreter happy (it
+    # cannot take a run-time tensor as a range bound with NumPy 2).
+    for it in range(0, N_ITERS):
+        idx = i_lo + it * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_sink = idx < sinks
+        in_win = (idx >= sinks) & (idx < n_fixed)
+        in_sel = (idx >= n_fixed) & (idx < i_hi)
+        chosen = tl.load(sel_row + (idx - n_fixed).to(tl.int64) * stride_sn, mask=in_sel, other=-1).to(tl.int32)
+        pos = tl.where(in_sink, st + idx, tl.where(in_win, win_lo + (idx - sinks), chosen))
+        ok = tl.where(in_sink, pos < sink_hi, tl.where(in_win, pos < en, chosen >= 0))
+        pos64 = tl.where(ok, pos, 0).to(tl.int64)
+        if PAGED:
+            slot = tl.load(tt_ptr + b64 * stride_ttb + pos64 * stride_ttt, mask=ok, other=0).to(tl.int64)
+            k_rows = k_ptr + slot * stride_k0 + h64 * stride_k1
+            v_rows = v_ptr + slot * stride_v0 + h64 * stride_v1
+        else:
+            k_rows = k_ptr + b64 * stride_k0 + h64 * stride_k1 + pos64 * stride_k2
+            v_rows = v_ptr + b64 * stride_v0 + h64 * stride_v1 + pos64 * stride_v2
+        kv_mask = ok[:, None] & dmask[None, :]
+        kt = tl.load(k_rows[:, None] + dd[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        vt = tl.load(v_rows[:, None] + dd[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST_DOT:
+            kt = kt.to(tl.float32)
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(kt))
+        qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A fully masked block keeps m at -inf: subtract 0 instead so that exp2 gives 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(qk - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # p is rounded to the K/V dtype for the tensor-core dot, as flash attention does.
+        pv = p.to(vt.dtype)
+        if UPCAST_DOT:
+            pv = pv.to(tl.float32)
+            vt = vt.to(tl.float32)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pv, vt)
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    heads = h * GROUP + g
+    if NUM_SPLITS == 1:
+        tl.store(
+            o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + dd[None, :] * stride_od,
+            out.to(o_ptr.dtype.element_ty),
+            mask=gmask[:, None] & dmask[None, :],
+        )
+    else:
+        lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        part = (b64 * (H_KV * GROUP) + heads) * NUM_SPLITS + s  # [B, H_q, NUM_SPLITS] flat
+        tl.store(plse_ptr + part, lse, mask=gmask)
+        tl.store(po_ptr + part[:, None] * D + dd[None, :], out, mask=gmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _merge_kernel(
+    po_ptr, plse_ptr, o_ptr, stride_ob, stride_oh, stride_od,
+    H_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    hq = tl.program_id(0)
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    ss = tl.arange(0, BLOCK_S)
+    smask = ss < NUM_SPLITS
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    base = (b64 * H_Q + hq) * NUM_SPLITS
+    lse = tl.load(plse_ptr + base + ss, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m_sub)
+    part = tl.load(po_ptr + (base + ss)[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(o_ptr + b64 * stride_ob + hq * stride_oh + dd * stride_od, out.to(o_ptr.dtype.element_ty), mask=dmask)

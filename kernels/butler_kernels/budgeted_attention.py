@@ -1,0 +1,141 @@
+"""Decode attention over sinks + window + selected positions (``reference.attended_positions``).
+
+Equals ``reference.budgeted_attention`` (and ``reference.dense_decode_attention`` when the
+selection covers every candidate) up to floating-point rounding. ``budgeted_attention_triton``
+launches the flash-decoding kernels of ``_attention_kernels``; K/V are read only at the attended
+positions, once per GQA group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from butler_kernels._checks import check_attention, check_out
+from butler_kernels._triton_loader import Launch, num_sms, run_launches, scratch, triton_interpreted
+
+__all__ = ["AttentionConfig", "default_attention_config", "budgeted_attention_triton"]
+
+_KERNELS = "_attention_kernels"
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters of the split kernel. ``num_splits`` is an upper bound: a split holds at
+    least one block of ``block_n`` attended entries."""
+
+    num_splits: int = 1
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_splits < 1:
+            raise ValueError(f"AttentionConfig.num_splits must be >= 1, got {self.num_splits}")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"AttentionConfig.block_n must be a power of two >= 16, got {self.block_n}")
+
+
+def default_attention_config(rows: int, attended: int, head_dim: int, device, sms: int | None = None) -> AttentionConfig:
+    """Enough splits for ~4 programs per SM, but at least two blocks per split so that the merge
+    and the per-program Q load stay small next to the K/V traffic."""
+    block_n = 64 if head_dim <= 128 else 32
+    sms = sms if sms is not None else num_sms(device)
+    max_splits = max(1, -(-attended // (2 * block_n)))
+    splits = min(max(1, -(-4 * sms // max(rows, 1))), max_splits)
+    return AttentionConfig(num_splits=splits, block_n=block_n)
+
+
+def budgeted_attention_triton(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    sel: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    sinks: int,
+    window: int,
+    scale: float,
+    token_table: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """``q [B, H_q, D]`` attends to sinks + window + ``sel [B, H_kv, n]`` (``-1`` = empty) of K/V,
+    dense ``[B, H_kv, T, D]`` (any strides) or paged ``[slots, H_kv, D]`` with ``token_table
+    [B, T]``. Returns ``[B, H_q, D]`` in ``q``'s dtype, written to ``out`` (any strides) when given.
+    CPU tensors run in the Triton interpreter. A row with nothing to attend to (``start == end``
+    and no selection) gets zeros."""
+    b, h_kv, group, d = check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
+    device = q.device
+    hq = q.shape[1]
+    if out is None:
+        out = torch.empty((b, hq, d), dtype=q.dtype, device=device)
+    else:
+        check_out("out", out, (b, hq, d), q.dtype, device)
+    if b == 0:
+        return out
+    cfg = config or default_attention_config(b * h_kv, sinks + window + sel.shape[-1], d, device)
+    run_launches(_KERNELS, attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, out, cfg))
+    return out
+
+
+def attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, out, cfg: AttentionConfig) -> list[Launch]:
+    """Scratch buffers and kernel launches of one attention call (checked arguments, B >= 1).
+    Separate from the launch itself so that ``_compile_check`` builds exactly what runs."""
+    device = q.device
+    b, hq, d = q.shape
+    h_kv = k_buf.shape[1]
+    group = hq // h_kv
+    n_sel = sel.shape[-1]
+    blocks = max(1, -(-(sinks + window + n_sel) // cfg.block_n))
+    n_iters = -(-blocks // cfg.num_splits)
+    num_splits = -(-blocks // n_iters)
+    split_len = n_iters * cfg.block_n
+    paged = k_buf.dim() == 3
+    if paged:
+        k_strides = (k_buf.stride(0), k_buf.stride(1), 0, k_buf.stride(2))
+        v_strides = (v_buf.stride(0), v_buf.stride(1), 0, v_buf.stride(2))
+        tt, tt_strides = token_table, (token_table.stride(0), token_table.stride(1))
+    else:
+        k_strides, v_strides = tuple(k_buf.stride()), tuple(v_buf.stride())
+        tt, tt_strides = start, (0, 0)  # never read: any valid pointer
+    if num_splits > 1:
+        part_out = scratch((b, hq, num_splits, d), torch.float32, device)
+        part_lse = scratch((b, hq, num_splits), torch.float32, device)
+    else:
+        part_out = part_lse = out  # never read or written: the split kernel writes out itself
+    block_d = max(16, 1 << (d - 1).bit_length())
+    launches = [
+        Launch(
+            "_attn_split_kernel", (h_kv, num_splits, b),
+            (q, *q.stride(), k_buf, *k_strides, v_buf, *v_strides, tt, *tt_strides, sel, *sel.stride(),
+             start, end, part_out, part_lse, out, *out.stride(),
+             n_sel, sinks, window, split_len, float(scale) * _LOG2E),
+            dict(
+                H_KV=h_kv, GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()),
+                D=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits, N_ITERS=n_iters,
+                PAGED=paged, IEEE_DOT=q.dtype == torch.float32,
+                # Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16
+                # storage: interpreted runs feed the same (bf16-rounded) values as fp32.
+                UPCAST_DOT=triton_interpreted() and q.dtype == torch.bfloat16,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ),
+        )
+    ]
+    if num_splits > 1:
+        launches.append(Launch(
+            "_merge_kernel", (hq, b),
+            (part_out, part_lse, out, *out.stride()),
+            dict(H_Q=hq, D=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+                 BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4, num_stages=1),
+        ))
+    return launches
+
+
+def default_scale(head_dim: int) -> float:
+    """The usual softmax scale ``1 / sqrt(D)``."""
+    return 1.0 / math.sqrt(head_dim)

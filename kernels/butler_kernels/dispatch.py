@@ -1,0 +1,108 @@
+"""``sparse_decode``: the one entry point the transformers runtime and the SGLang backend call.
+
+Implementation choice, per call (``impl=``) or per process (``BUTLER_KERNELS_IMPL``, read at
+import):
+
+* ``"auto"`` (default): the ``butler::`` custom ops, which run the Triton kernels on CUDA tensors
+  and the plain-torch reference elsewhere; traceable by ``torch.compile(fullgraph=True)``.
+* ``"reference"``: the plain-torch reference on any device (debugging, numerics checks).
+* ``"triton"``: the Triton launchers on any device; CPU tensors go through the Triton
+  interpreter (slow: tests only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import butler_kernels.ops  # noqa: F401  (registers torch.ops.butler.*)
+from butler_kernels import reference
+from butler_kernels.budgeted_attention import budgeted_attention_triton
+from butler_kernels.score_select import score_select_reference, score_select_triton
+
+__all__ = ["IMPLEMENTATIONS", "default_impl", "sparse_decode"]
+
+IMPLEMENTATIONS = ("auto", "triton", "reference")
+_ENV = "BUTLER_KERNELS_IMPL"
+
+
+def _check_impl(name: str, source: str) -> str:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"{source} must be one of {IMPLEMENTATIONS}, got {name!r}")
+    return name
+
+
+_DEFAULT_IMPL = _check_impl(os.environ.get(_ENV, "auto"), _ENV)
+
+
+def default_impl() -> str:
+    """The implementation used when ``impl`` is not given (``BUTLER_KERNELS_IMPL`` at import)."""
+    return _DEFAULT_IMPL
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    q_sel: torch.Tensor | None,
+    sketch: torch.Tensor | None,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    sinks: int,
+    window: int,
+    budget: int,
+    scale: float,
+    token_table: torch.Tensor | None = None,
+    budget_per_row: torch.Tensor | None = None,
+    selection: torch.Tensor | None = None,
+    impl: str | None = None,
+    index_dtype: torch.dtype = torch.int32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One budgeted decode step of one layer: select, then attend.
+
+    q ``[B, H_q, D]``; K/V dense ``[B, H_kv, T, D]`` or paged ``[slots, H_kv, D]``; predictor
+    queries ``q_sel [B, H_sel, d']`` and the sketch cache (dense ``[B, H_kv, T, d']`` or paged
+    ``[slots, H_kv, d']``); ``token_table [B, T]`` maps positions to slots for whichever buffers are
+    paged. ``budget`` is the static top-k per KV head (an int: it fixes the output shape);
+    ``budget_per_row [B]`` (<= budget) lowers it per row, e.g. ``reference.budget_for_rows`` for a
+    fraction of the context.
+
+    ``selection [B, H_kv, n]`` (a previous step's ``sel``, possibly ``reference.expand_neighbors``
+    of it) skips scoring: the prediction-interval reuse. Returns ``(out [B, H_q, D], sel)``, ``sel``
+    being ``selection`` itself when given, else ``[B, H_kv, budget]`` positions in ``index_dtype``.
+    """
+    impl = default_impl() if impl is None else _check_impl(impl, "impl")
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(
+            f"budget must be an int (the static top-k); got {type(budget).__name__}. For a fraction of the "
+            "context pass the cap as budget and reference.budget_for_rows(...) as budget_per_row"
+        )
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    if selection is None:
+        if q_sel is None or sketch is None:
+            raise ValueError("sparse_decode needs q_sel and sketch to score, or a selection to reuse")
+        select_args = (q_sel, sketch, start, end)
+        if impl == "auto":
+            sel = torch.ops.butler.score_select(*select_args, token_table, budget_per_row, sinks, window, budget, index_dtype)
+        elif impl == "triton":
+            sel = score_select_triton(
+                *select_args, sinks=sinks, window=window, k=budget,
+                token_table=token_table, budget_per_row=budget_per_row, index_dtype=index_dtype,
+            )
+        else:
+            sel = score_select_reference(
+                *select_args, sinks=sinks, window=window, k=budget,
+                token_table=token_table, budget_per_row=budget_per_row, index_dtype=index_dtype,
+            )
+    else:
+        sel = selection
+    if impl == "auto":
+        out = torch.ops.butler.budgeted_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale)
+    elif impl == "triton":
+        out = budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale, token_table=token_table)
+    else:
+        out = reference.budgeted_attention(q, k_buf, v_buf, sel, start, end, sinks, window, scale, token_table)
+    return out, sel

@@ -1,0 +1,165 @@
+"""Score every candidate position with the predictor and keep the exact top-k per (row, KV head).
+
+Same result (as a set, ties aside) as ``reference.select_topk(reference.score_tokens(...))``:
+candidates ``[sink_hi, win_lo)`` of ``reference.policy_ranges``, scores ``<q~, sketch> / sqrt(d')``
+max-reduced over the predictor heads of a GQA group, ``-1`` where a row has fewer candidates than
+its budget. Unlike the reference the order of the positions is unspecified.
+
+``score_select_triton`` launches the kernels of ``_score_select_kernels`` (exact radix select, no
+sort, no fp32 score round trip); ``score_select_reference`` composes the reference functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from butler_kernels import reference
+from butler_kernels._checks import check_out, check_score_select
+from butler_kernels._triton_loader import Launch, num_sms, run_launches, scratch
+
+__all__ = ["SelectConfig", "default_select_config", "score_select_triton", "score_select_reference", "workspace_bytes"]
+
+_KERNELS = "_score_select_kernels"
+# The kernel module's WS_STRIDE (tests check that both agree).
+_WS_STRIDE = 256 + 4096 + 8
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Launch parameters of the two selection kernels (powers of two)."""
+
+    chunk_score: int = 1024  # positions per scoring program
+    chunk_compact: int = 4096  # positions per compaction program
+    block_finish: int = 1024  # vector width of the serial end-of-row select
+    warps_score: int = 8
+    warps_compact: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_score", "chunk_compact", "block_finish"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"SelectConfig.{name} must be a power of two >= 16, got {v}")
+
+
+def default_select_config(rows: int, length: int, device, sms: int | None = None) -> SelectConfig:
+    """Largest chunks that still give every SM a few programs: big chunks amortise the per-program
+    histogram flush and ticket, small ones fill the GPU at batch 1. Warps grow with the chunk so
+    that a scoring thread keeps about four sketch rows in registers (more spills with 4-8
+    predictor heads per group)."""
+    target = 3 * (sms if sms is not None else num_sms(device))
+    chunk = 1024
+    while chunk > 256 and rows * -(-length // chunk) < target:
+        chunk //= 2
+    return SelectConfig(
+        chunk_score=chunk,
+        chunk_compact=4 * chunk,
+        warps_score=max(4, chunk // 128),
+        warps_compact=8,
+    )
+
+
+def workspace_bytes(batch: int, num_kv_heads: int, length: int) -> int:
+    """Scratch memory one call allocates (keys, boundary buffer, histograms): 12 bytes per
+    (row, KV head, position) plus ~17 KB per (row, KV head)."""
+    rows = batch * num_kv_heads
+    return rows * (3 * length + _WS_STRIDE) * 4
+
+
+def score_select_triton(
+    q_sel: torch.Tensor,
+    sketch: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    sinks: int,
+    window: int,
+    k: int,
+    token_table: torch.Tensor | None = None,
+    budget_per_row: torch.Tensor | None = None,
+    index_dtype: torch.dtype = torch.int32,
+    out: torch.Tensor | None = None,
+    config: SelectConfig | None = None,
+) -> torch.Tensor:
+    """Top-``k`` candidate positions ``[B, H_kv, k]`` (``index_dtype``), ``-1`` padded.
+
+    q_sel ``[B, H_sel, d']``; sketch dense ``[B, H_kv, T, d']`` (any strides) or paged
+    ``[slots, H_kv, d']`` with ``token_table [B, T]``; ``budget_per_row [B]`` (clamped to
+    ``[0, k]``) lowers the budget of single rows. ``out`` (any strides) receives the result, e.g. a
+    buffer kept across CUDA-graph replays. CPU tensors run in the Triton interpreter."""
+    b, h_kv, t, _ = check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype)
+    device = q_sel.device
+    if out is None:
+        out = torch.empty((b, h_kv, k), dtype=index_dtype, device=device)
+    else:
+        check_out("out", out, (b, h_kv, k), index_dtype, device)
+    if k == 0 or b == 0:
+        return out
+    cfg = config or default_select_config(b * h_kv, t, device)
+    run_launches(_KERNELS, select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg))
+    return out
+
+
+def select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg: SelectConfig) -> list[Launch]:
+    """Scratch buffers and the two kernel launches of one selection (checked arguments, k >= 1).
+    Separate from the launch itself so that ``_compile_check`` builds exactly what runs."""
+    device = q_sel.device
+    b, h_kv = out.shape[0], out.shape[1]
+    rows = b * h_kv
+    paged = sketch.dim() == 3
+    t = token_table.shape[1] if paged else sketch.shape[2]
+    ws = torch.zeros((rows, _WS_STRIDE), dtype=torch.int32, device=device)
+    # max(t, 1): an empty cache still needs valid pointers.
+    keys = scratch((rows, max(t, 1)), torch.int32, device)
+    side = scratch((rows, 2, max(t, 1)), torch.int32, device)
+    if paged:
+        sk_strides = (sketch.stride(0), sketch.stride(1), 0, sketch.stride(2))
+        tt, tt_strides = token_table, (token_table.stride(0), token_table.stride(1))
+    else:
+        sk_strides = tuple(sketch.stride())
+        tt, tt_strides = start, (0, 0)  # never read: any valid pointer
+    has_bpr = budget_per_row is not None
+    bpr = budget_per_row if has_bpr else start
+    dp = q_sel.shape[-1]
+    n1 = max(1, -(-t // cfg.chunk_score))
+    n2 = max(1, -(-t // cfg.chunk_compact))
+    return [
+        Launch(
+            "_score_hist_kernel", (h_kv, n1, b),
+            (q_sel, *q_sel.stride(), sketch, *sk_strides, tt, *tt_strides, start, end, bpr, keys, ws, t, n1, sinks, window, k),
+            dict(H_KV=h_kv, GROUP=q_sel.shape[1] // h_kv, DP=dp, BLOCK_DP=max(16, _next_pow2(dp)),
+                 CHUNK=cfg.chunk_score, PAGED=paged, HAS_BPR=has_bpr, num_warps=cfg.warps_score, num_stages=1),
+        ),
+        Launch(
+            "_compact_kernel", (h_kv, n2, b),
+            (start, end, bpr, keys, ws, side, out, *out.stride(), t, n2, sinks, window, k),
+            dict(H_KV=h_kv, CHUNK=cfg.chunk_compact, BLOCK=cfg.block_finish, HAS_BPR=has_bpr,
+                 num_warps=cfg.warps_compact, num_stages=1),
+        ),
+    ]
+
+
+def score_select_reference(
+    q_sel: torch.Tensor,
+    sketch: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    sinks: int,
+    window: int,
+    k: int,
+    token_table: torch.Tensor | None = None,
+    budget_per_row: torch.Tensor | None = None,
+    index_dtype: torch.dtype = torch.int64,
+) -> torch.Tensor:
+    """The same selection through the plain-torch reference (descending score order)."""
+    _, h_kv, _, _ = check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype)
+    dense = reference.gather_positions(sketch, token_table)
+    scores = reference.score_tokens(q_sel, dense, h_kv)
+    sel = reference.select_topk(scores, start, end, sinks, window, k, budget_per_row)
+    return sel.to(index_dtype)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

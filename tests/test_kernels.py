@@ -1,0 +1,435 @@
+"""Triton kernels of butler_kernels against the plain-torch reference, on CPU tensors through the
+Triton interpreter; plus the custom ops, the dispatch entry point and argument checks.
+
+Shapes are small on purpose (the interpreter runs every program in Python); the kernels are given
+small chunks and blocks so that several programs, tickets and loop trips still happen.
+tests/test_kernels_gpu.py runs the same checks at larger shapes on a GPU.
+"""
+
+import os
+
+# Before triton is imported by anything in this module (butler_kernels itself imports it lazily).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import triton  # noqa: E402
+from butler_kernels import (  # noqa: E402
+    AttentionConfig,
+    SelectConfig,
+    budgeted_attention_triton,
+    reference,
+    score_select_reference,
+    score_select_triton,
+    sparse_decode,
+)
+from butler_kernels import _triton_loader  # noqa: E402
+
+# A process runs Triton in one mode, fixed when triton is first imported: if something imported it
+# before this module could set TRITON_INTERPRET, the kernels cannot run on CPU tensors here.
+pytestmark = pytest.mark.skipif(
+    not _triton_loader.triton_interpreted(),
+    reason="triton was imported before TRITON_INTERPRET=1 was set: run tests/test_kernels.py in its own pytest process",
+)
+
+S, W = 4, 16  # sinks and window of most cases
+SMALL_SELECT = SelectConfig(chunk_score=64, chunk_compact=128, block_finish=32)
+INDEX_POISON = 123456789
+
+
+@pytest.fixture(autouse=True)
+def _poison_scratch(monkeypatch):
+    """Scratch the kernels must overwrite before reading holds garbage, never zeros."""
+    monkeypatch.setattr(_triton_loader, "SCRATCH_POISON", INDEX_POISON)
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+def _rows(b: int, t: int, ragged: bool, gen: torch.Generator):
+    """start/end per row; ragged rows get left padding and shorter contexts."""
+    if not ragged:
+        return torch.zeros(b, dtype=torch.int64), torch.full((b,), t, dtype=torch.int64)
+    start = torch.randint(0, max(1, t // 4), (b,), generator=gen)
+    end = torch.minimum(start + torch.randint(1, t + 1, (b,), generator=gen), torch.tensor(t))
+    end[0] = t  # one full row
+    return start, end
+
+
+def _layout(dense: torch.Tensor, layout: str, gen: torch.Generator, table_dtype=torch.int32):
+    """dense ``[B, H, T, X]`` -> (buffer, token_table) in the requested layout."""
+    b, h, t, x = dense.shape
+    if layout == "dense":
+        return dense, None
+    if layout == "strided":  # [B, T, H, X] storage viewed as [B, H, T, X]
+        return dense.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3), None
+    assert layout == "paged"
+    slots = b * t + 11
+    pool = torch.randn(slots, h, x, generator=gen).to(dense.dtype)  # unused slots hold garbage
+    table = torch.randperm(slots, generator=gen)[: b * t].view(b, t)
+    pool[table.reshape(-1)] = dense.permute(0, 2, 1, 3).reshape(b * t, h, x)
+    return pool, table.to(table_dtype)
+
+
+def _ranges_mask(start, end, t):
+    sink_hi, win_lo = reference.policy_ranges(start, end, S, W)
+    pos = torch.arange(t)
+    return (pos >= sink_hi[:, None]) & (pos < win_lo[:, None])
+
+
+def _check_selection(sel, q_sel, sketch_dense, start, end, k, budget_per_row=None, sinks=S, window=W):
+    """``sel`` must hold, per (row, KV head), min(k_row, #candidates) distinct candidates followed by
+    -1, whose scores are the top scores (compared as sorted values, so ties and last-bit rounding
+    differences at the boundary are allowed)."""
+    b, h_kv, t, _ = sketch_dense.shape
+    scores = reference.score_tokens(q_sel, sketch_dense, h_kv)
+    sink_hi, win_lo = reference.policy_ranges(start, end, sinks, window)
+    pos = torch.arange(t)
+    cand = (pos >= sink_hi[:, None]) & (pos < win_lo[:, None])
+    assert sel.shape == (b, h_kv, k)
+    for r in range(b):
+        k_row = k if budget_per_row is None else max(0, min(k, int(budget_per_row[r])))
+        n = min(k_row, int(cand[r].sum()))
+        for h in range(h_kv):
+            got = sel[r, h].long()
+            assert (got[n:] == -1).all(), f"row {r} head {h}: expected -1 after {n} entries, got {got.tolist()}"
+            chosen = got[:n]
+            assert (chosen >= 0).all() and len(set(chosen.tolist())) == n, f"row {r} head {h}: {chosen.tolist()}"
+            assert cand[r, chosen].all(), f"row {r} head {h}: non-candidate selected"
+            want = torch.sort(scores[r, h][cand[r]], descending=True).values[:n]
+            have = torch.sort(scores[r, h][chosen], descending=True).values
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+def _tol(dtype):
+    return {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+@pytest.mark.parametrize("layout", ["dense", "strided", "paged"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,t,k,ragged", [(1, 40, 64, False), (3, 300, 24, True)])
+def test_select_matches_reference(layout, group, dtype, b, t, k, ragged):
+    gen = torch.Generator().manual_seed(hash((layout, group, str(dtype), b, t)) % 2**31)
+    h_kv, dp = 2, 16
+    q_sel = torch.randn(b, h_kv * group, dp, generator=gen).to(dtype)
+    sketch = torch.randn(b, h_kv, t, dp, generator=gen).to(dtype)
+    start, end = _rows(b, t, ragged, gen)
+    buf, table = _layout(sketch, layout, gen)
+    out = torch.full((b, h_kv, k), INDEX_POISON, dtype=torch.int32)
+    res = score_select_triton(q_sel, buf, start, end, sinks=S, window=W, k=k, token_table=table, out=out, config=SMALL_SELECT)
+    assert res is out
+    _check_selection(out, q_sel, sketch, start, end, k)
+    if not ragged and t <= S + W + k:  # the dense fallback: every candidate, as in the reference
+        ref = score_select_reference(q_sel, buf, start, end, sinks=S, window=W, k=k, token_table=table)
+        assert torch.equal(torch.sort(out.long(), -1).values, torch.sort(ref, -1).values)
+
+
+def test_select_default_config_and_int64():
+    gen = torch.Generator().manual_seed(1)
+    q_sel = torch.randn(2, 8, 16, generator=gen)
+    sketch = torch.randn(2, 2, 700, 16, generator=gen)
+    start, end = _rows(2, 700, True, gen)
+    sel = score_select_triton(q_sel, sketch, start.int(), end.int(), sinks=S, window=W, k=50, index_dtype=torch.int64)
+    assert sel.dtype == torch.int64
+    _check_selection(sel, q_sel, sketch, start, end, 50)
+
+
+def test_select_budget_per_row():
+    gen = torch.Generator().manual_seed(2)
+    b, t, k = 5, 200, 30
+    q_sel = torch.randn(b, 3, 16, generator=gen)
+    sketch = torch.randn(b, 3, t, 16, generator=gen)
+    start, end = _rows(b, t, True, gen)
+    bpr = torch.tensor([-2, 0, 5, 30, 1000])
+    sel = score_select_triton(q_sel, sketch, start, end, sinks=S, window=W, k=k, budget_per_row=bpr, config=SMALL_SELECT)
+    _check_selection(sel, q_sel, sketch, start, end, k, budget_per_row=bpr)
+    ref = score_select_reference(q_sel, sketch, start, end, sinks=S, window=W, k=k, budget_per_row=bpr)
+    assert torch.equal((sel >= 0).sum(-1), (ref >= 0).sum(-1))
+
+
+def _offset_scores(b, h, t, gen):
+    """Scores crowded in one coarse bin: a large common offset plus small spread."""
+    q = torch.randn(b, h, 16, generator=gen)
+    q[..., 0] = 40.0
+    s = torch.randn(b, h, t, 16, generator=gen) * 0.05
+    s[..., 0] = 1.0
+    return q, s
+
+
+_DISTRIBUTIONS = {
+    "zeros": lambda b, h, t, g: (torch.randn(b, h, 16, generator=g), torch.zeros(b, h, t, 16)),
+    "integer_ties": lambda b, h, t, g: (
+        torch.randint(-2, 3, (b, h, 16), generator=g).float(),
+        torch.randint(-2, 3, (b, h, t, 16), generator=g).float(),
+    ),
+    "huge": lambda b, h, t, g: (torch.randn(b, h, 16, generator=g) * 1e4, torch.randn(b, h, t, 16, generator=g) * 1e4),
+    "tiny": lambda b, h, t, g: (torch.randn(b, h, 16, generator=g) * 1e-4, torch.randn(b, h, t, 16, generator=g) * 1e-4),
+    "offset": _offset_scores,
+    "negative": lambda b, h, t, g: (torch.randn(b, h, 16, generator=g), -3.0 - torch.rand(b, h, t, 16, generator=g) * 1e-3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DISTRIBUTIONS))
+def test_select_score_distributions(name):
+    """Every branch of the radix select: regular coarse bins, the clamped ones (near zero, huge),
+    a crowded boundary bin and exact ties."""
+    gen = torch.Generator().manual_seed(3)
+    q_sel, sketch = _DISTRIBUTIONS[name](2, 2, 500, gen)
+    start, end = _rows(2, 500, True, gen)
+    sel = score_select_triton(q_sel, sketch, start, end, sinks=S, window=W, k=60, config=SMALL_SELECT)
+    _check_selection(sel, q_sel, sketch, start, end, 60)
+
+
+def test_select_edge_cases():
+    gen = torch.Generator().manual_seed(4)
+    q_sel = torch.randn(3, 2, 16, generator=gen)
+    sketch = torch.randn(3, 2, 50, 16, generator=gen)
+    start = torch.tensor([0, 10, 30])
+    end = torch.tensor([50, 10, 33])  # a full row, an empty row, a row shorter than sinks + window
+    assert score_select_triton(q_sel, sketch, start, end, sinks=S, window=W, k=0).shape == (3, 2, 0)
+    sel = score_select_triton(q_sel, sketch, start, end, sinks=S, window=W, k=8, config=SMALL_SELECT)
+    _check_selection(sel, q_sel, sketch, start, end, 8)
+    assert (sel[1:] == -1).all()
+    # no sinks and no window: every position is a candidate
+    sel = score_select_triton(q_sel, sketch, start, end, sinks=0, window=0, k=8, config=SMALL_SELECT)
+    _check_selection(sel, q_sel, sketch, start, end, 8, sinks=0, window=0)
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+def _attention_case(b, h_kv, group, t, d, k, dtype, layout, gen, ragged=True, table_dtype=torch.int64):
+    q = torch.randn(b, h_kv * group, d, generator=gen).to(dtype)
+    kd = torch.randn(b, h_kv, t, d, generator=gen).to(dtype)
+    vd = torch.randn(b, h_kv, t, d, generator=gen).to(dtype)
+    start, end = _rows(b, t, ragged, gen)
+    sel = score_select_reference(torch.randn(b, h_kv, 16, generator=gen), torch.randn(b, h_kv, t, 16, generator=gen), start, end, sinks=S, window=W, k=k)
+    if layout == "paged":
+        kbuf, table = _layout(kd, "paged", gen, table_dtype)
+        vbuf = torch.randn_like(kbuf, dtype=torch.float32).to(dtype)
+        vbuf[table.long().reshape(-1)] = vd.permute(0, 2, 1, 3).reshape(b * t, h_kv, d)
+    else:
+        kbuf, table = _layout(kd, layout, gen)
+        vbuf, _ = _layout(vd, layout, gen)
+    return q, kbuf, vbuf, sel, start, end, table
+
+
+@pytest.mark.parametrize("layout", ["dense", "strided", "paged"])
+@pytest.mark.parametrize("group,d", [(1, 64), (3, 128), (4, 64), (8, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_matches_reference(layout, group, d, dtype):
+    gen = torch.Generator().manual_seed(hash((layout, group, d, str(dtype))) % 2**31)
+    q, kbuf, vbuf, sel, start, end, table = _attention_case(2, 2, group, 90, d, 20, dtype, layout, gen)
+    sel = sel.int() if group % 2 else sel  # both index dtypes
+    scale = 1.0 / math.sqrt(d)
+    for splits in (1, 3):
+        out = torch.full_like(q, float("nan"))
+        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=scale, token_table=table, out=out, config=AttentionConfig(num_splits=splits, block_n=16))
+        ref = reference.budgeted_attention(q, kbuf, vbuf, sel, start, end, S, W, scale, table)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=_tol(dtype), atol=_tol(dtype))
+
+
+def test_attention_fp32_and_default_config():
+    gen = torch.Generator().manual_seed(5)
+    q, kbuf, vbuf, sel, start, end, table = _attention_case(3, 2, 4, 120, 64, 30, torch.float32, "dense", gen)
+    out = budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=0.3)
+    ref = reference.budgeted_attention(q, kbuf, vbuf, sel, start, end, S, W, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_budget_covering_context_is_dense_attention(layout, dtype):
+    """With every candidate selected the budgeted step is dense decode attention."""
+    gen = torch.Generator().manual_seed(6)
+    b, h_kv, group, t, d = 3, 2, 4, 70, 64
+    q, kbuf, vbuf, _, start, end, table = _attention_case(b, h_kv, group, t, d, 1, dtype, layout, gen)
+    q_sel = torch.randn(b, h_kv, 16, generator=gen)
+    sketch = torch.randn(b, h_kv, t, 16, generator=gen)
+    if layout == "paged":  # the sketch pool shares the K/V slots, as in SGLang
+        pool = torch.randn(kbuf.shape[0], h_kv, 16, generator=gen)
+        pool[table.long().reshape(-1)] = sketch.permute(0, 2, 1, 3).reshape(-1, h_kv, 16)
+        sketch = pool
+    out, sel = sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, sinks=S, window=W, budget=t, scale=0.125, token_table=table, impl="triton")
+    dense = reference.dense_decode_attention(q, kbuf, vbuf, start, end, 0.125, table)
+    torch.testing.assert_close(out.float(), dense.float(), rtol=_tol(dtype), atol=_tol(dtype))
+    n_cand = _ranges_mask(start, end, t).sum(-1)
+    assert torch.equal((sel >= 0).sum(-1), n_cand[:, None].expand(b, h_kv))
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+def test_sparse_decode_triton_matches_reference_and_reuses_selection():
+    gen = torch.Generator().manual_seed(7)
+    b, h_kv, group, t, d, k = 2, 2, 4, 150, 64, 24
+    q = torch.randn(b, h_kv * group, d, generator=gen, dtype=torch.float32).half()
+    kbuf = torch.randn(b, h_kv, t, d, generator=gen).half()
+    vbuf = torch.randn(b, h_kv, t, d, generator=gen).half()
+    q_sel = torch.randn(b, h_kv * group, 16, generator=gen)
+    sketch = torch.randn(b, h_kv, t, 16, generator=gen)
+    start, end = _rows(b, t, True, gen)
+    kw = dict(sinks=S, window=W, budget=k, scale=0.125)
+    out_t, sel_t = sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, impl="triton", **kw)
+    out_r, sel_r = sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, impl="reference", **kw)
+    out_a, sel_a = sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, impl="auto", **kw)
+    assert sel_t.dtype == sel_r.dtype == sel_a.dtype == torch.int32
+    _check_selection(sel_t, q_sel, sketch, start, end, k)
+    assert torch.equal(torch.sort(sel_r, -1).values, torch.sort(sel_a, -1).values)
+    torch.testing.assert_close(out_t, out_r, rtol=4e-3, atol=4e-3)
+    torch.testing.assert_close(out_a, out_r, rtol=0, atol=0)
+    # prediction-interval reuse: the selection (here widened by neighbour fetching) skips scoring
+    wide = reference.expand_neighbors(sel_t.long(), start, end, S, W, t)
+    out_reuse, sel_reuse = sparse_decode(q, kbuf, vbuf, None, None, start, end, selection=wide, impl="triton", **kw)
+    assert sel_reuse is wide
+    ref = reference.budgeted_attention(q, kbuf, vbuf, wide, start, end, S, W, 0.125)
+    torch.testing.assert_close(out_reuse, ref, rtol=4e-3, atol=4e-3)
+
+
+def test_custom_ops_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(8)
+    b, h_kv, t, d = 2, 2, 64, 64
+    q = torch.randn(b, h_kv * 4, d, generator=gen)
+    kbuf = torch.randn(b, h_kv, t, d, generator=gen)
+    vbuf = torch.randn(b, h_kv, t, d, generator=gen)
+    q_sel = torch.randn(b, h_kv, 16, generator=gen)
+    sketch = torch.randn(b, h_kv, t, 16, generator=gen)
+    start, end = torch.tensor([0, 5]), torch.tensor([60, 64])
+    select_args = (q_sel, sketch, start, end, None, torch.tensor([3, 10]), S, W, 10, torch.int32)
+    torch.library.opcheck(torch.ops.butler.score_select.default, select_args)
+    sel = torch.ops.butler.score_select(*select_args)
+    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125))
+
+    def step(q, kbuf, vbuf, q_sel, sketch, start, end):
+        return sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, sinks=S, window=W, budget=10, scale=0.125, impl="auto")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    out_c, sel_c = compiled(q, kbuf, vbuf, q_sel, sketch, start, end)
+    out_e, sel_e = step(q, kbuf, vbuf, q_sel, sketch, start, end)
+    assert torch.equal(sel_c, sel_e)
+    torch.testing.assert_close(out_c, out_e)
+
+
+def test_interpreter_mode_is_used():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert os.environ["TRITON_INTERPRET"] == "1" and triton.knobs.runtime.interpret
+    for name, kernel in (("_score_select_kernels", "_score_hist_kernel"), ("_attention_kernels", "_attn_split_kernel")):
+        assert isinstance(getattr(_triton_loader.kernel_module(name, torch.device("cpu")), kernel), InterpretedFunction)
+    # the launcher sizes the workspace the kernels index
+    from butler_kernels import score_select as score_select_module
+
+    kernels = _triton_loader.kernel_module("_score_select_kernels", torch.device("cpu"))
+    assert score_select_module._WS_STRIDE == int(kernels.WS_STRIDE)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _valid_select_args():
+    return dict(
+        q_sel=torch.randn(2, 4, 16), sketch=torch.randn(2, 2, 30, 16),
+        start=torch.zeros(2, dtype=torch.int64), end=torch.full((2,), 30),
+    )
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(q_sel=torch.randn(2, 4)), ValueError, "q_sel must be"),
+        (dict(q_sel=torch.randn(2, 3, 16)), ValueError, "do not group evenly"),
+        (dict(q_sel=torch.randn(2, 4, 8)), ValueError, "sketch width"),
+        (dict(q_sel=torch.randn(2, 4, 16).long()), TypeError, "float16/bfloat16/float32"),
+        (dict(sketch=torch.randn(2, 30, 16)), ValueError, "needs token_table"),
+        (dict(sketch=torch.randn(3, 2, 30, 16)), ValueError, "batch"),
+        (dict(start=torch.zeros(3, dtype=torch.int64)), ValueError, "start must have shape"),
+        (dict(end=torch.full((2,), 30.0)), TypeError, "end must be int32 or int64"),
+        (dict(k=-1), ValueError, "budget must be >= 0"),
+        (dict(k=2.5), TypeError, "must be an int"),
+        (dict(sinks=-1), ValueError, "sinks and window"),
+        (dict(index_dtype=torch.int16), TypeError, "index_dtype"),
+        (dict(budget_per_row=torch.ones(3, dtype=torch.int64)), ValueError, "budget_per_row"),
+    ],
+)
+def test_select_rejects_bad_input(change, error, match):
+    args = _valid_select_args()
+    kw = dict(sinks=S, window=W, k=5)
+    for key in ("k", "sinks", "index_dtype", "budget_per_row"):
+        if key in change:
+            kw[key] = change.pop(key)
+    args.update(change)
+    for fn in (score_select_triton, score_select_reference):
+        with pytest.raises(error, match=match):
+            fn(args["q_sel"], args["sketch"], args["start"], args["end"], **kw)
+
+
+def test_attention_and_dispatch_reject_bad_input():
+    q = torch.randn(2, 8, 64)
+    kbuf = torch.randn(2, 2, 30, 64)
+    sel = torch.zeros(2, 2, 4, dtype=torch.int64)
+    start, end = torch.zeros(2, dtype=torch.int64), torch.full((2,), 30)
+    kw = dict(sinks=S, window=W, scale=0.1)
+    with pytest.raises(ValueError, match="do not group evenly"):
+        budgeted_attention_triton(torch.randn(2, 7, 64), kbuf, kbuf, sel, start, end, **kw)
+    with pytest.raises(TypeError, match="share one dtype"):
+        budgeted_attention_triton(q.half(), kbuf, kbuf, sel, start, end, **kw)
+    with pytest.raises(ValueError, match="head dim"):
+        budgeted_attention_triton(torch.randn(2, 8, 32), kbuf, kbuf, sel, start, end, **kw)
+    with pytest.raises(ValueError, match="sel must be"):
+        budgeted_attention_triton(q, kbuf, kbuf, sel[:, :1], start, end, **kw)
+    with pytest.raises(ValueError, match="out must be"):
+        budgeted_attention_triton(q, kbuf, kbuf, sel, start, end, out=torch.empty(2, 8, 32), **kw)
+    with pytest.raises(ValueError, match="needs token_table"):
+        budgeted_attention_triton(q, torch.randn(60, 2, 64), torch.randn(60, 2, 64), sel, start, end, **kw)
+    q_sel, sketch = torch.randn(2, 2, 16), torch.randn(2, 2, 30, 16)
+    common = dict(sinks=S, window=W, scale=0.1)
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        sparse_decode(q, kbuf, kbuf, q_sel, sketch, start, end, budget=-3, **common)
+    with pytest.raises(TypeError, match="budget_for_rows"):
+        sparse_decode(q, kbuf, kbuf, q_sel, sketch, start, end, budget=0.1, **common)
+    with pytest.raises(ValueError, match="impl must be"):
+        sparse_decode(q, kbuf, kbuf, q_sel, sketch, start, end, budget=4, impl="cuda", **common)
+    with pytest.raises(ValueError, match="needs q_sel and sketch"):
+        sparse_decode(q, kbuf, kbuf, None, None, start, end, budget=4, **common)
+    with pytest.raises(ValueError, match="must be a power of two"):
+        SelectConfig(chunk_score=100)
+
+
+# ------------------------------------------------------------------------- GPU code, compiled here
+
+
+def _nvidia_backend_available() -> bool:
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.exists(os.path.join(bin_dir, "ptxas")) and os.path.exists(os.path.join(bin_dir, "cuobjdump"))
+
+
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="Triton's NVIDIA backend (ptxas, cuobjdump) is not installed")
+def test_kernels_compile_for_hopper():
+    """The interpreter accepts code the GPU compiler rejects: build every kernel for sm_90 as the
+    launchers configure it for Llama-3.1-8B (no GPU needed). A fresh process, because this one
+    runs Triton in interpreter mode."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import json, dataclasses\n"
+        "from butler_kernels._compile_check import build_all\n"
+        "print(json.dumps([dataclasses.asdict(b) for b in build_all(90)]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    builds = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {b["kernel"] for b in builds} == {"_score_hist_kernel", "_compact_kernel", "_attn_split_kernel", "_merge_kernel"}
+    for b in builds:
+        assert b["spill_bytes"] == 0, f"{b['kernel']} ({b['variant']}) spills {b['spill_bytes']} bytes"
+        if b["kernel"] == "_attn_split_kernel":
+            assert b["mma"] and b["cp_async"], f"the K/V loop lost its tensor cores or its pipelining: {b}"
