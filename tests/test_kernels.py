@@ -30,6 +30,7 @@ from butler_kernels import (  # noqa: E402
     sparse_decode,
 )
 from butler_kernels import _triton_loader  # noqa: E402
+from butler_kernels.testing import check_selection  # noqa: E402
 
 # A process runs Triton in one mode, fixed when triton is first imported: if something imported it
 # before this module could set TRITON_INTERPRET, the kernels cannot run on CPU tensors here.
@@ -87,24 +88,9 @@ def _check_selection(sel, q_sel, sketch_dense, start, end, k, budget_per_row=Non
     """``sel`` must hold, per (row, KV head), min(k_row, #candidates) distinct candidates followed by
     -1, whose scores are the top scores (compared as sorted values, so ties and last-bit rounding
     differences at the boundary are allowed)."""
-    b, h_kv, t, _ = sketch_dense.shape
-    scores = reference.score_tokens(q_sel, sketch_dense, h_kv)
-    sink_hi, win_lo = reference.policy_ranges(start, end, sinks, window)
-    pos = torch.arange(t)
-    cand = (pos >= sink_hi[:, None]) & (pos < win_lo[:, None])
-    assert sel.shape == (b, h_kv, k)
-    for r in range(b):
-        k_row = k if budget_per_row is None else max(0, min(k, int(budget_per_row[r])))
-        n = min(k_row, int(cand[r].sum()))
-        for h in range(h_kv):
-            got = sel[r, h].long()
-            assert (got[n:] == -1).all(), f"row {r} head {h}: expected -1 after {n} entries, got {got.tolist()}"
-            chosen = got[:n]
-            assert (chosen >= 0).all() and len(set(chosen.tolist())) == n, f"row {r} head {h}: {chosen.tolist()}"
-            assert cand[r, chosen].all(), f"row {r} head {h}: non-candidate selected"
-            want = torch.sort(scores[r, h][cand[r]], descending=True).values[:n]
-            have = torch.sort(scores[r, h][chosen], descending=True).values
-            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+    assert sel.shape == (sketch_dense.shape[0], sketch_dense.shape[1], k)
+    res = check_selection(sel, q_sel, sketch_dense, start, end, sinks=sinks, window=window, k=k, budget_per_row=budget_per_row)
+    assert res.ok, str(res)
 
 
 def _tol(dtype):

@@ -17,6 +17,58 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_block(
+    q, m_i, l_i, acc, idx, i_hi, st, en, sink_hi, win_lo, sinks, n_fixed, sel_row, stride_sn,
+    k_ptr, stride_k0, stride_k1, stride_k2, stride_kd,
+    v_ptr, stride_v0, stride_v1, stride_v2, stride_vd,
+    tt_ptr, stride_ttb, stride_ttt, b64, h64, dd, dmask, qk_scale,
+    PAGED: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One block of ``BLOCK_N`` virtual entries: resolve positions, load K/V once, update the
+    online softmax of every query head of the group."""
+    in_sink = idx < sinks
+    in_win = (idx >= sinks) & (idx < n_fixed)
+    in_sel = (idx >= n_fixed) & (idx < i_hi)
+    chosen = tl.load(sel_row + (idx - n_fixed).to(tl.int64) * stride_sn, mask=in_sel, other=-1).to(tl.int32)
+    pos = tl.where(in_sink, st + idx, tl.where(in_win, win_lo + (idx - sinks), chosen))
+    ok = tl.where(in_sink, pos < sink_hi, tl.where(in_win, pos < en, chosen >= 0))
+    pos64 = tl.where(ok, pos, 0).to(tl.int64)
+    if PAGED:
+        slot = tl.load(tt_ptr + b64 * stride_ttb + pos64 * stride_ttt, mask=ok, other=0).to(tl.int64)
+        k_rows = k_ptr + slot * stride_k0 + h64 * stride_k1
+        v_rows = v_ptr + slot * stride_v0 + h64 * stride_v1
+    else:
+        k_rows = k_ptr + b64 * stride_k0 + h64 * stride_k1 + pos64 * stride_k2
+        v_rows = v_ptr + b64 * stride_v0 + h64 * stride_v1 + pos64 * stride_v2
+    kv_mask = ok[:, None] & dmask[None, :]
+    kt = tl.load(k_rows[:, None] + dd[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    vt = tl.load(v_rows[:, None] + dd[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if UPCAST_DOT:
+        kt = kt.to(tl.float32)
+    if IEEE_DOT:
+        qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(kt))
+    qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A fully masked block keeps m at -inf: subtract 0 instead so that exp2 gives 0, not NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_sub)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # p is rounded to the K/V dtype for the tensor-core dot, as flash attention does.
+    pv = p.to(vt.dtype)
+    if UPCAST_DOT:
+        pv = pv.to(tl.float32)
+        vt = vt.to(tl.float32)
+    if IEEE_DOT:
+        acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(pv, vt)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_split_kernel(
     q_ptr, stride_qb, stride_qh, stride_qd,
     k_ptr, stride_k0, stride_k1, stride_k2, stride_kd,
@@ -26,10 +78,10 @@ def _attn_split_kernel(
     start_ptr, end_ptr,
     po_ptr, plse_ptr,
     o_ptr, stride_ob, stride_oh, stride_od,
-    n_sel, sinks, window, split_len, qk_scale,
-    H_KV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    N_ITERS: tl.constexpr, PAGED: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    n_sel, sinks, window, n_iters, num_splits, qk_scale,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr, COUNTED_LOOP: tl.constexpr,
+    PAGED: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     h = tl.program_id(0)
     s = tl.program_id(1)
@@ -41,7 +93,6 @@ def _attn_split_kernel(
     win_lo = tl.maximum(st, en - window)
     sink_hi = tl.minimum(st + sinks, win_lo)
     n_fixed = sinks + window
-    total = n_fixed + n_sel
 
     g = tl.arange(0, G_PAD)
     gmask = g < GROUP
@@ -59,58 +110,34 @@ def _attn_split_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     sel_row = sel_ptr + b64 * stride_sb + h64 * stride_sh
-    i_lo = s * split_len
-    i_hi = tl.minimum(i_lo + split_len, total)
-    # A counted loop (split_len = N_ITERS * BLOCK_N) so that the compiler can pipeline the loads.
-    # The count is static for a fixed budget; a constexpr also keeps the interpreter happy (it
-    # cannot take a run-time tensor as a range bound with NumPy 2).
-    for it in range(0, N_ITERS):
-        idx = i_lo + it * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_sink = idx < sinks
-        in_win = (idx >= sinks) & (idx < n_fixed)
-        in_sel = (idx >= n_fixed) & (idx < i_hi)
-        chosen = tl.load(sel_row + (idx - n_fixed).to(tl.int64) * stride_sn, mask=in_sel, other=-1).to(tl.int32)
-        pos = tl.where(in_sink, st + idx, tl.where(in_win, win_lo + (idx - sinks), chosen))
-        ok = tl.where(in_sink, pos < sink_hi, tl.where(in_win, pos < en, chosen >= 0))
-        pos64 = tl.where(ok, pos, 0).to(tl.int64)
-        if PAGED:
-            slot = tl.load(tt_ptr + b64 * stride_ttb + pos64 * stride_ttt, mask=ok, other=0).to(tl.int64)
-            k_rows = k_ptr + slot * stride_k0 + h64 * stride_k1
-            v_rows = v_ptr + slot * stride_v0 + h64 * stride_v1
-        else:
-            k_rows = k_ptr + b64 * stride_k0 + h64 * stride_k1 + pos64 * stride_k2
-            v_rows = v_ptr + b64 * stride_v0 + h64 * stride_v1 + pos64 * stride_v2
-        kv_mask = ok[:, None] & dmask[None, :]
-        kt = tl.load(k_rows[:, None] + dd[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        vt = tl.load(v_rows[:, None] + dd[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if UPCAST_DOT:
-            kt = kt.to(tl.float32)
-        if IEEE_DOT:
-            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(kt))
-        qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A fully masked block keeps m at -inf: subtract 0 instead so that exp2 gives 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_sub)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # p is rounded to the K/V dtype for the tensor-core dot, as flash attention does.
-        pv = p.to(vt.dtype)
-        if UPCAST_DOT:
-            pv = pv.to(tl.float32)
-            vt = vt.to(tl.float32)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pv, vt)
-        m_i = m_new
+    i_lo = s * (n_iters * BLOCK_N)
+    i_hi = tl.minimum(i_lo + n_iters * BLOCK_N, n_fixed + n_sel)
+    if COUNTED_LOOP:
+        # scf.for: the form the compiler software-pipelines (K/V loads of the next blocks in
+        # flight while this one is multiplied).
+        for it in range(0, n_iters):
+            m_i, l_i, acc = _attend_block(
+                q, m_i, l_i, acc, i_lo + it * BLOCK_N + tl.arange(0, BLOCK_N), i_hi, st, en, sink_hi, win_lo,
+                sinks, n_fixed, sel_row, stride_sn,
+                k_ptr, stride_k0, stride_k1, stride_k2, stride_kd, v_ptr, stride_v0, stride_v1, stride_v2, stride_vd,
+                tt_ptr, stride_ttb, stride_ttt, b64, h64, dd, dmask, qk_scale, PAGED, IEEE_DOT, UPCAST_DOT,
+            )
+    else:
+        # The interpreter (Triton 3.6 with NumPy 2) cannot use a run-time value as a range bound.
+        it = tl.zeros([], tl.int32)
+        while it < n_iters:
+            m_i, l_i, acc = _attend_block(
+                q, m_i, l_i, acc, i_lo + it * BLOCK_N + tl.arange(0, BLOCK_N), i_hi, st, en, sink_hi, win_lo,
+                sinks, n_fixed, sel_row, stride_sn,
+                k_ptr, stride_k0, stride_k1, stride_k2, stride_kd, v_ptr, stride_v0, stride_v1, stride_v2, stride_vd,
+                tt_ptr, stride_ttb, stride_ttt, b64, h64, dd, dmask, qk_scale, PAGED, IEEE_DOT, UPCAST_DOT,
+            )
+            it += 1
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     heads = h * GROUP + g
-    if NUM_SPLITS == 1:
+    if DIRECT:
         tl.store(
             o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + dd[None, :] * stride_od,
             out.to(o_ptr.dtype.element_ty),
@@ -118,25 +145,23 @@ def _attn_split_kernel(
         )
     else:
         lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        part = (b64 * (H_KV * GROUP) + heads) * NUM_SPLITS + s  # [B, H_q, NUM_SPLITS] flat
+        part = (b64 * tl.num_programs(0) * GROUP + heads) * num_splits + s  # [B, H_q, splits] flat
         tl.store(plse_ptr + part, lse, mask=gmask)
         tl.store(po_ptr + part[:, None] * D + dd[None, :], out, mask=gmask[:, None] & dmask[None, :])
 
 
 @triton.jit
 def _merge_kernel(
-    po_ptr, plse_ptr, o_ptr, stride_ob, stride_oh, stride_od,
-    H_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    po_ptr, plse_ptr, o_ptr, stride_ob, stride_oh, stride_od, num_splits,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     hq = tl.program_id(0)
     b = tl.program_id(1)
-    b64 = b.to(tl.int64)
     ss = tl.arange(0, BLOCK_S)
-    smask = ss < NUM_SPLITS
+    smask = ss < num_splits
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    base = (b64 * H_Q + hq) * NUM_SPLITS
+    base = (b.to(tl.int64) * tl.num_programs(0) + hq) * num_splits
     lse = tl.load(plse_ptr + base + ss, mask=smask, other=float("-inf"))
     m = tl.max(lse, 0)
     m_sub = tl.where(m == float("-inf"), 0.0, m)
@@ -144,4 +169,4 @@ def _merge_kernel(
     part = tl.load(po_ptr + (base + ss)[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
     den = tl.sum(w, 0)
     out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(o_ptr + b64 * stride_ob + hq * stride_oh + dd * stride_od, out.to(o_ptr.dtype.element_ty), mask=dmask)
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + dd * stride_od, out.to(o_ptr.dtype.element_ty), mask=dmask)

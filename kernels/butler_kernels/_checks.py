@@ -70,8 +70,8 @@ def check_score_select(
         _fail(f"q_sel must be [B, H_sel, d'], got shape {list(q_sel.shape)}")
     if q_sel.dtype not in _FLOAT_DTYPES or sketch.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"q_sel and sketch must be float16/bfloat16/float32, got {q_sel.dtype} and {sketch.dtype}")
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"the budget k must be an int (static shape), got {type(k).__name__}")
+    if not isinstance(k, (int, torch.SymInt)) or isinstance(k, bool):
+        raise TypeError(f"the budget k must be an int (it fixes the output shape), got {type(k).__name__}")
     if k < 0:
         _fail(f"the budget must be >= 0, got {k}")
     check_policy(sinks, window)

@@ -81,6 +81,18 @@ def run_launches(module_name: str, launches: list[Launch]) -> None:
     device = next(a for a in launches[0].args if hasattr(a, "device")).device
     mod = kernel_module(module_name, device)
     interpreted = triton_interpreted()
+    if not interpreted and device.index is not None:
+        import torch
+
+        if device.index != torch.cuda.current_device():
+            # Triton launches on the current device: make it the tensors' one.
+            with torch.cuda.device(device):
+                _launch(mod, launches, interpreted)
+            return
+    _launch(mod, launches, interpreted)
+
+
+def _launch(mod: ModuleType, launches: list[Launch], interpreted: bool) -> None:
     for launch in launches:
         meta = launch.meta
         if interpreted:

@@ -94,7 +94,7 @@ def attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, win
     blocks = max(1, -(-(sinks + window + n_sel) // cfg.block_n))
     n_iters = -(-blocks // cfg.num_splits)
     num_splits = -(-blocks // n_iters)
-    split_len = n_iters * cfg.block_n
+    interpreted = triton_interpreted()
     paged = k_buf.dim() == 3
     if paged:
         k_strides = (k_buf.stride(0), k_buf.stride(1), 0, k_buf.stride(2))
@@ -114,14 +114,13 @@ def attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, win
             "_attn_split_kernel", (h_kv, num_splits, b),
             (q, *q.stride(), k_buf, *k_strides, v_buf, *v_strides, tt, *tt_strides, sel, *sel.stride(),
              start, end, part_out, part_lse, out, *out.stride(),
-             n_sel, sinks, window, split_len, float(scale) * _LOG2E),
+             n_sel, sinks, window, n_iters, num_splits, float(scale) * _LOG2E),
             dict(
-                H_KV=h_kv, GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()),
-                D=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits, N_ITERS=n_iters,
-                PAGED=paged, IEEE_DOT=q.dtype == torch.float32,
+                GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()), D=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+                DIRECT=num_splits == 1, COUNTED_LOOP=not interpreted, PAGED=paged, IEEE_DOT=q.dtype == torch.float32,
                 # Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16
                 # storage: interpreted runs feed the same (bf16-rounded) values as fp32.
-                UPCAST_DOT=triton_interpreted() and q.dtype == torch.bfloat16,
+                UPCAST_DOT=interpreted and q.dtype == torch.bfloat16,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             ),
         )
@@ -129,9 +128,8 @@ def attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, win
     if num_splits > 1:
         launches.append(Launch(
             "_merge_kernel", (hq, b),
-            (part_out, part_lse, out, *out.stride()),
-            dict(H_Q=hq, D=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-                 BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4, num_stages=1),
+            (part_out, part_lse, out, *out.stride(), num_splits),
+            dict(D=d, BLOCK_D=block_d, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4, num_stages=1),
         ))
     return launches
 

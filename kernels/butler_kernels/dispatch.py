@@ -74,7 +74,7 @@ def sparse_decode(
     being ``selection`` itself when given, else ``[B, H_kv, budget]`` positions in ``index_dtype``.
     """
     impl = default_impl() if impl is None else _check_impl(impl, "impl")
-    if isinstance(budget, bool) or not isinstance(budget, int):
+    if isinstance(budget, bool) or not isinstance(budget, (int, torch.SymInt)):
         raise TypeError(
             f"budget must be an int (the static top-k); got {type(budget).__name__}. For a fraction of the "
             "context pass the cap as budget and reference.budget_for_rows(...) as budget_per_row"

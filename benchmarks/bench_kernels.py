@@ -1,0 +1,399 @@
+"""Kernel benchmark of one decode step of one layer: dense SDPA vs the naive torch sparse path vs
+butler_kernels (score + select, attention, both).
+
+    python benchmarks/bench_kernels.py                   # Llama-3.1-8B shapes, batch 1/8/16, 8K/32K/128K, 5/10/20 %
+    python benchmarks/bench_kernels.py --batch 1 --context 32768 --budget 0.1 --tune
+
+Every configuration is first checked against the reference (selection as a set of scores,
+attention output relative error); then timed with ``triton.testing.do_bench`` (median; it also
+clears L2 before each call) over enough rotated copies of the inputs to exceed the 50 MB L2.
+"graph" columns replay a CUDA graph holding one step per copy (no launch overhead: what SGLang
+and a compiled transformers step see). Budget is the fraction of the context attended (sinks +
+window + selected, as in PERF.md) unless ``--budget-mode selected``. Bytes floor: the sketch plus
+the attended K/V rows (the dense floor: all of K and V) at ``--peak-tbps``.
+
+Writes ``$OUT/bench_kernels.json`` when ``OUT`` is set (or ``--json PATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import butler_kernels
+from butler_kernels import (
+    AttentionConfig,
+    SelectConfig,
+    budgeted_attention_triton,
+    default_attention_config,
+    default_select_config,
+    reference,
+    score_select_triton,
+    sparse_decode,
+)
+from butler_kernels.testing import check_selection
+
+GB = 1024**3
+DEVICE = torch.device("cuda")
+
+
+@dataclass
+class Shape:
+    batch: int
+    context: int
+    budget: float  # fraction of the context
+    sinks: int
+    window: int
+    k: int  # selected positions per KV head (the static budget)
+    attended: int  # sinks + window + k
+    heads: int
+    kv_heads: int
+    sel_heads: int
+    head_dim: int
+    sketch_dim: int
+
+
+@dataclass
+class Result:
+    shape: Shape
+    copies: int
+    check_select: str = ""
+    attn_rel_err: float = float("nan")
+    ms: dict = field(default_factory=dict)  # name -> median milliseconds per step
+    bytes: dict = field(default_factory=dict)
+    tuned: dict = field(default_factory=dict)
+    skipped: str = ""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--budget", type=float, nargs="+", default=[0.05, 0.10, 0.20])
+    p.add_argument("--budget-mode", choices=["total", "selected"], default="total",
+                   help="total: sinks + window + selected = budget x context (PERF.md); selected: k = budget x context")
+    p.add_argument("--sinks", type=int, default=64)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--heads", type=int, default=32, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--sel-heads", type=int, default=None, help="predictor heads (default: one per KV head)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--sketch-dim", type=int, default=16)
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--layout", choices=["dense", "paged"], default="dense", help="K/V and sketch layout of our kernels")
+    p.add_argument("--mem-limit-gb", type=float, default=70.0, help="skip configurations whose estimate exceeds this")
+    p.add_argument("--l2-flush-mb", type=float, default=200.0, help="rotate copies until one round touches this much")
+    p.add_argument("--max-copies", type=int, default=32)
+    p.add_argument("--peak-tbps", type=float, default=3.0, help="bandwidth the floor is computed at (H100 copy: ~3.0)")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--tune", action="store_true", help="also sweep kernel configurations; report the best next to the default")
+    p.add_argument("--json", default=None, help="JSON output path (default: $OUT/bench_kernels.json when OUT is set)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def make_shape(args, batch, context, budget) -> Shape:
+    if args.budget_mode == "total":
+        k = max(0, math.ceil(budget * context) - args.sinks - args.window)
+    else:
+        k = math.ceil(budget * context)
+    return Shape(batch, context, budget, args.sinks, args.window, k, args.sinks + args.window + k, args.heads,
+                 args.kv_heads, args.sel_heads or args.kv_heads, args.head_dim, args.sketch_dim)
+
+
+def input_bytes(s: Shape, elt: int) -> int:
+    kv = 2 * s.batch * s.kv_heads * s.context * s.head_dim * elt
+    sketch = s.batch * s.kv_heads * s.context * s.sketch_dim * elt
+    return kv + sketch + s.batch * (s.heads * s.head_dim + s.sel_heads * s.sketch_dim) * elt + s.batch * s.context * 4
+
+
+def floor_bytes(s: Shape, elt: int) -> dict:
+    kv_row = 2 * s.kv_heads * s.head_dim * elt  # K + V of one position, all KV heads
+    sketch = s.batch * s.kv_heads * s.context * s.sketch_dim * elt
+    attended = s.batch * min(s.attended, s.context) * kv_row
+    return {"dense": s.batch * s.context * kv_row, "select": sketch, "attend": attended, "total": sketch + attended}
+
+
+def estimate_peak(s: Shape, elt: int, copies: int) -> int:
+    """Inputs of every copy, plus the largest transient (reference check or naive path)."""
+    rows = s.batch * s.kv_heads
+    n = min(s.attended, s.context)
+    ref_check = 2 * rows * n * s.head_dim * 4 + s.batch * s.sel_heads * s.context * 4 * 3  # fp32 gathers, scores
+    naive = s.batch * s.sel_heads * s.context * (elt + 4) + 2 * rows * n * s.head_dim * elt + rows * n * 8
+    workspace = rows * s.context * 12
+    return copies * input_bytes(s, elt) + max(ref_check, naive) + workspace + (1 << 30)
+
+
+class Inputs:
+    """One copy of a decode step's tensors."""
+
+    def __init__(self, s: Shape, dtype, layout: str, gen: torch.Generator):
+        dev = DEVICE
+        self.q = torch.randn(s.batch, s.heads, s.head_dim, device=dev, dtype=dtype, generator=gen)
+        self.k = torch.randn(s.batch, s.kv_heads, s.context, s.head_dim, device=dev, dtype=dtype, generator=gen)
+        self.v = torch.randn(s.batch, s.kv_heads, s.context, s.head_dim, device=dev, dtype=dtype, generator=gen)
+        self.q_sel = torch.randn(s.batch, s.sel_heads, s.sketch_dim, device=dev, dtype=dtype, generator=gen)
+        self.sketch = torch.randn(s.batch, s.kv_heads, s.context, s.sketch_dim, device=dev, dtype=dtype, generator=gen)
+        self.start = torch.zeros(s.batch, dtype=torch.int64, device=dev)
+        self.end = torch.full((s.batch,), s.context, dtype=torch.int64, device=dev)
+        self.table = None
+        # The kernels' view: dense as is, or SGLang's pool (slots in shuffled pages of 16).
+        self.k_ours, self.v_ours, self.sketch_ours = self.k, self.v, self.sketch
+        if layout == "paged":
+            pages = torch.randperm(s.batch * s.context // 16, device=dev, generator=gen)
+            slots = (pages[:, None] * 16 + torch.arange(16, device=dev)).reshape(s.batch, s.context)
+            self.table = slots.to(torch.int32)
+            flat = slots.reshape(-1)
+
+            def pool(dense):
+                out = torch.empty(s.batch * s.context, s.kv_heads, dense.shape[-1], device=dev, dtype=dtype)
+                out[flat] = dense.permute(0, 2, 1, 3).reshape(-1, s.kv_heads, dense.shape[-1])
+                return out
+
+            self.k_ours, self.v_ours, self.sketch_ours = pool(self.k), pool(self.v), pool(self.sketch)
+            del self.k, self.v  # the dense baselines read the pool through the table instead
+            self.k = self.v = None
+
+
+def dense_sdpa(x: Inputs, s: Shape, scale: float):
+    if x.k is None:  # paged: SDPA needs the dense view; time only what a dense cache would cost
+        raise RuntimeError("dense SDPA runs on the dense layout")
+    return F.scaled_dot_product_attention(x.q[:, :, None], x.k, x.v, scale=scale, enable_gqa=True)[:, :, 0]
+
+
+def naive_sparse(x: Inputs, s: Shape, scale: float):
+    """The straightforward torch path: score einsum, top-k, gather, SDPA (full rows: no masks)."""
+    b, hkv, g = s.batch, s.kv_heads, s.sel_heads // s.kv_heads
+    scores = torch.einsum("bhgd,bhtd->bhgt", x.q_sel.view(b, hkv, g, -1), x.sketch).amax(2)
+    scores[..., : s.sinks] = float("-inf")
+    scores[..., s.context - s.window :] = float("-inf")
+    top = scores.topk(s.k, dim=-1).indices
+    fixed = torch.cat([torch.arange(s.sinks, device=DEVICE), torch.arange(s.context - s.window, s.context, device=DEVICE)])
+    idx = torch.cat([fixed.expand(b, hkv, -1), top], -1)
+    bi = torch.arange(b, device=DEVICE)[:, None, None]
+    hi = torch.arange(hkv, device=DEVICE)[None, :, None]
+    return F.scaled_dot_product_attention(x.q[:, :, None], x.k[bi, hi, idx], x.v[bi, hi, idx], scale=scale, enable_gqa=True)[:, :, 0]
+
+
+def ours_select(x: Inputs, s: Shape):
+    return torch.ops.butler.score_select(x.q_sel, x.sketch_ours, x.start, x.end, x.table, None, s.sinks, s.window, s.k, torch.int32)
+
+
+def ours_attend(x: Inputs, s: Shape, sel, scale: float):
+    return torch.ops.butler.budgeted_attention(x.q, x.k_ours, x.v_ours, sel, x.start, x.end, x.table, s.sinks, s.window, scale)
+
+
+def ours_total(x: Inputs, s: Shape, scale: float):
+    return sparse_decode(x.q, x.k_ours, x.v_ours, x.q_sel, x.sketch_ours, x.start, x.end, sinks=s.sinks, window=s.window,
+                         budget=s.k, scale=scale, token_table=x.table)
+
+
+def bench(fn, copies: int) -> float:
+    """Median ms of one call, rotating over the copies (do_bench clears L2 before each call too)."""
+    import triton.testing
+
+    state = {"i": 0}
+
+    def step():
+        fn(state["i"] % copies)
+        state["i"] += 1
+
+    return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+
+
+def bench_graph(fn, copies: int) -> float:
+    """Median ms of one step replayed from a CUDA graph that runs one step per copy."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / copies
+    del graph
+    return ms
+
+
+def verify(x: Inputs, s: Shape, scale: float) -> tuple[str, float]:
+    sel = ours_select(x, s)
+    check = check_selection(sel, x.q_sel, x.sketch_ours, x.start, x.end, sinks=s.sinks, window=s.window, k=s.k, token_table=x.table)
+    out = ours_attend(x, s, sel, scale)
+    ref = reference.budgeted_attention(x.q, x.k_ours, x.v_ours, sel, x.start, x.end, s.sinks, s.window, scale, x.table)
+    rel = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+    del sel, out, ref
+    return str(check), rel
+
+
+def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
+    """Sweep a few launch configurations of each kernel; keep the fastest next to the default."""
+    rows = s.batch * s.kv_heads
+    sel_default = default_select_config(rows, s.context, DEVICE)
+    sel_cands = {sel_default}
+    for chunk in (256, 512, 1024):
+        for compact in (2048, 4096):
+            sel_cands.add(SelectConfig(chunk_score=chunk, chunk_compact=compact, warps_score=max(4, chunk // 128), warps_compact=8))
+    sel_times = {}
+    for cfg in sel_cands:
+        sel_times[cfg] = bench(lambda i, c=cfg: score_select_triton(xs[i].q_sel, xs[i].sketch_ours, xs[i].start, xs[i].end, sinks=s.sinks, window=s.window, k=s.k, token_table=xs[i].table, config=c), copies)
+    sels = [ours_select(x, s) for x in xs]
+    att_default = default_attention_config(rows, s.attended, s.head_dim, DEVICE)
+    att_cands = {att_default}
+    for splits in {max(1, att_default.num_splits // 2), att_default.num_splits, att_default.num_splits * 2}:
+        for block_n in (32, 64):
+            for stages in (2, 3):
+                att_cands.add(AttentionConfig(num_splits=splits, block_n=block_n, num_stages=stages))
+    att_times = {}
+    for cfg in att_cands:
+        att_times[cfg] = bench(lambda i, c=cfg: budgeted_attention_triton(xs[i].q, xs[i].k_ours, xs[i].v_ours, sels[i], xs[i].start, xs[i].end, sinks=s.sinks, window=s.window, scale=scale, token_table=xs[i].table, config=c), copies)
+    best_sel = min(sel_times, key=sel_times.get)
+    best_att = min(att_times, key=att_times.get)
+    return {
+        "select_default": [asdict(sel_default), sel_times[sel_default]], "select_best": [asdict(best_sel), sel_times[best_sel]],
+        "attend_default": [asdict(att_default), att_times[att_default]], "attend_best": [asdict(best_att), att_times[best_att]],
+    }
+
+
+def run_one(args, s: Shape, dtype, elt: int) -> Result:
+    fb = floor_bytes(s, elt)
+    per_round = fb["total"]
+    copies = max(1, min(args.max_copies, math.ceil(args.l2_flush_mb * 2**20 / max(per_round, 1))))
+    while copies > 1 and estimate_peak(s, elt, copies) > args.mem_limit_gb * GB:
+        copies -= 1
+    res = Result(s, copies, bytes=fb)
+    if estimate_peak(s, elt, copies) > args.mem_limit_gb * GB:
+        res.skipped = f"needs ~{estimate_peak(s, elt, copies) / GB:.0f} GB > --mem-limit-gb {args.mem_limit_gb:g}"
+        return res
+    if s.k <= 0:
+        res.skipped = f"budget {s.budget:g} x {s.context} leaves no selected tokens after sinks + window"
+        return res
+    gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
+    xs = [Inputs(s, dtype, args.layout, gen) for _ in range(copies)]
+    scale = 1.0 / math.sqrt(s.head_dim)
+    res.check_select, res.attn_rel_err = verify(xs[0], s, scale)
+    sels = [ours_select(x, s) for x in xs]
+
+    if args.layout == "dense":
+        res.ms["dense"] = bench(lambda i: dense_sdpa(xs[i], s, scale), copies)
+        res.ms["naive"] = bench(lambda i: naive_sparse(xs[i], s, scale), copies)
+    res.ms["select"] = bench(lambda i: ours_select(xs[i], s), copies)
+    res.ms["attend"] = bench(lambda i: ours_attend(xs[i], s, sels[i], scale), copies)
+    res.ms["total"] = bench(lambda i: ours_total(xs[i], s, scale), copies)
+    res.ms["total_again"] = bench(lambda i: ours_total(xs[i], s, scale), copies)  # noise estimate
+    if not args.no_graph:
+        if args.layout == "dense":
+            res.ms["dense_graph"] = bench_graph(lambda i: dense_sdpa(xs[i], s, scale), copies)
+        res.ms["total_graph"] = bench_graph(lambda i: ours_total(xs[i], s, scale), copies)
+    if args.tune:
+        res.tuned = tune(xs, s, scale, copies)
+    del xs, sels
+    torch.cuda.empty_cache()
+    return res
+
+
+def fmt_ms(v):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def table(results: list[Result], peak: float) -> str:
+    head = ("| batch | context | budget | k | dense | naive | select | attend | total | total graph | floor | TB/s | "
+            "x dense | x dense (graph) | check |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        s = r.shape
+        if r.skipped:
+            lines.append(f"| {s.batch} | {s.context} | {s.budget:.0%} | {s.k} | skipped: {r.skipped} |" + " |" * 10)
+            continue
+        ms = r.ms
+        floor_ms = r.bytes["total"] / (peak * 1e12) * 1e3
+        tbps = r.bytes["total"] / (ms["total"] * 1e-3) / 1e12
+        dense = ms.get("dense")
+        sp = f"{dense / ms['total']:.2f}" if dense else "-"
+        dg, tg = ms.get("dense_graph"), ms.get("total_graph")
+        spg = f"{dg / tg:.2f}" if dg and tg else "-"
+        ok = "ok" if r.check_select.startswith("ok") and r.attn_rel_err < 2e-2 else "FAIL"
+        lines.append(
+            f"| {s.batch} | {s.context} | {s.budget:.0%} | {s.k} | {fmt_ms(dense)} | {fmt_ms(ms.get('naive'))} | "
+            f"{fmt_ms(ms['select'])} | {fmt_ms(ms['attend'])} | {fmt_ms(ms['total'])} | {fmt_ms(tg)} | {floor_ms:.3f} | "
+            f"{tbps:.2f} | {sp} | {spg} | {ok} (sel {r.check_select.split(' ')[0]}, attn {r.attn_rel_err:.1e}) |"
+        )
+    return "\n".join(lines)
+
+
+def tuned_table(results: list[Result]) -> str:
+    lines = ["| batch | context | budget | select default -> best (ms, config) | attend default -> best (ms, config) |", "|---|---|---|---|---|"]
+    for r in results:
+        if not r.tuned:
+            continue
+        t, s = r.tuned, r.shape
+        sb, ab = t["select_best"][0], t["attend_best"][0]
+        lines.append(
+            f"| {s.batch} | {s.context} | {s.budget:.0%} | {t['select_default'][1]:.3f} -> {t['select_best'][1]:.3f} "
+            f"(chunk {sb['chunk_score']}/{sb['chunk_compact']}, warps {sb['warps_score']}) | {t['attend_default'][1]:.3f} -> "
+            f"{t['attend_best'][1]:.3f} (splits {ab['num_splits']}, block {ab['block_n']}, stages {ab['num_stages']}) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    elt = 2
+    env = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(), "command": " ".join([sys.executable] + sys.argv),
+        "butler_kernels": os.path.dirname(butler_kernels.__file__), "args": vars(args),
+    }
+    print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, layout {args.layout}, "
+          f"H_q {args.heads} / H_kv {args.kv_heads} / D {args.head_dim} / d' {args.sketch_dim}, "
+          f"sinks {args.sinks}, window {args.window}, budget mode {args.budget_mode}", flush=True)
+    results = []
+    t0 = time.time()
+    for batch in args.batch:
+        for context in args.context:
+            for budget in args.budget:
+                s = make_shape(args, batch, context, budget)
+                r = run_one(args, s, dtype, elt)
+                results.append(r)
+                status = r.skipped or (f"check {r.check_select}, attn rel err {r.attn_rel_err:.1e}; "
+                                       + ", ".join(f"{k} {v:.3f} ms" for k, v in r.ms.items()))
+                print(f"B {batch} ctx {context} budget {budget:.0%} (k {s.k}, {r.copies} copies): {status}", flush=True)
+    print(f"\n# done in {time.time() - t0:.0f} s; medians in ms; floor = (sketch + attended K/V bytes) / {args.peak_tbps} TB/s; "
+          "TB/s = those bytes / total time\n")
+    print(table(results, args.peak_tbps))
+    noise = [abs(r.ms["total"] - r.ms["total_again"]) / r.ms["total"] for r in results if not r.skipped]
+    if noise:
+        print(f"\nnoise: total timed twice differs by median {statistics.median(noise):.1%}, max {max(noise):.1%}")
+    if args.tune:
+        print("\n" + tuned_table(results))
+    path = args.json or (os.path.join(os.environ["OUT"], "bench_kernels.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump({"env": env, "results": [asdict(r) for r in results]}, f, indent=1, default=str)
+        print(f"\nwrote {path}")
+    failed = [r for r in results if not r.skipped and not (r.check_select.startswith("ok") and r.attn_rel_err < 2e-2)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

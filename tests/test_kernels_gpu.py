@@ -1,0 +1,251 @@
+"""butler_kernels' Triton kernels on a CUDA GPU against the reference, at larger shapes than the
+interpreter tests: many programs per row race on the histograms and tickets here, so each
+selection runs several times. Also CUDA-graph capture and torch.compile.
+
+Run on its own (Triton's interpreter mode, which tests/test_kernels.py switches on, is process
+wide): ``pytest tests/test_kernels_gpu.py -q``. A table of the measured errors is printed at the
+end of the module.
+"""
+
+import math
+
+import pytest
+import torch
+
+from butler_kernels import (
+    AttentionConfig,
+    SelectConfig,
+    budgeted_attention_triton,
+    reference,
+    score_select_triton,
+    sparse_decode,
+)
+from butler_kernels._triton_loader import triton_interpreted
+from butler_kernels.testing import check_selection
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+_RESULTS: list[tuple[str, str, str]] = []  # (test, case, measurement) for the summary table
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    if torch.cuda.is_available() and triton_interpreted():
+        pytest.skip(
+            "Triton runs in interpreter mode in this process (tests/test_kernels.py sets TRITON_INTERPRET=1): "
+            "run `pytest tests/test_kernels_gpu.py` in its own process"
+        )
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not _RESULTS:
+        return
+    reporter.write_line("")
+    reporter.write_line(f"butler_kernels on {torch.cuda.get_device_name()}:")
+    reporter.write_line("| test | case | result |")
+    reporter.write_line("|---|---|---|")
+    for row in _RESULTS:
+        reporter.write_line("| " + " | ".join(row) + " |")
+
+
+DEV = torch.device("cuda")
+
+
+def _rows(b, t, ragged, gen):
+    if not ragged:
+        return torch.zeros(b, dtype=torch.int64, device=DEV), torch.full((b,), t, dtype=torch.int64, device=DEV)
+    start = torch.randint(0, t // 4, (b,), generator=gen, device=DEV)
+    end = torch.minimum(start + torch.randint(1, t + 1, (b,), generator=gen, device=DEV), torch.tensor(t, device=DEV))
+    end[0] = t
+    return start, end
+
+
+def _paged(dense, gen, table_dtype=torch.int32):
+    """dense [B, H, T, X] -> (pool [slots, H, X] with garbage in unused slots, token_table [B, T])."""
+    b, h, t, x = dense.shape
+    slots = b * t + 1000
+    pool = torch.randn(slots, h, x, generator=gen, device=DEV).to(dense.dtype)
+    table = torch.randperm(slots, generator=gen, device=DEV)[: b * t].view(b, t)
+    pool[table.reshape(-1)] = dense.permute(0, 2, 1, 3).reshape(b * t, h, x)
+    return pool, table.to(table_dtype)
+
+
+def _gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,t,k", [(1, 32768, 3200), (4, 20000, 1500), (16, 4096, 400), (3, 600, 700)])
+def test_select(layout, group, dtype, b, t, k):
+    gen = _gen(b * 7 + t + group)
+    sinks, window, h_kv = 64, 256, 8
+    q_sel = torch.randn(b, h_kv * group, 16, generator=gen, device=DEV).to(dtype)
+    sketch = torch.randn(b, h_kv, t, 16, generator=gen, device=DEV).to(dtype)
+    start, end = _rows(b, t, ragged=b > 1, gen=gen)
+    buf, table = (sketch, None) if layout == "dense" else _paged(sketch, gen)
+    bpr = torch.randint(0, k + 10, (b,), generator=gen, device=DEV) if b == 4 else None
+    for attempt in range(3):  # races between programs would show as run-to-run differences
+        out = torch.full((b, h_kv, k), 123456789, dtype=torch.int32, device=DEV)
+        score_select_triton(q_sel, buf, start, end, sinks=sinks, window=window, k=k, token_table=table, budget_per_row=bpr, out=out)
+        res = check_selection(out, q_sel, sketch, start, end, sinks=sinks, window=window, k=k, budget_per_row=bpr)
+        assert res.ok, f"attempt {attempt}: {res}"
+    _RESULTS.append(("select", f"{layout} G{group} {str(dtype)[6:]} B{b} T{t} k{k}", str(res)))
+
+
+def _crowded(b, h, t, gen):
+    q = torch.randn(b, h, 16, generator=gen, device=DEV)
+    q[..., 0] = 40.0
+    s = torch.randn(b, h, t, 16, generator=gen, device=DEV) * 0.05
+    s[..., 0] = 1.0
+    return q, s
+
+
+_DISTRIBUTIONS = {
+    "zeros (all tied)": lambda b, h, t, g: (torch.randn(b, h, 16, generator=g, device=DEV), torch.zeros(b, h, t, 16, device=DEV)),
+    "integer ties": lambda b, h, t, g: (
+        torch.randint(-2, 3, (b, h, 16), generator=g, device=DEV).float(),
+        torch.randint(-2, 3, (b, h, t, 16), generator=g, device=DEV).float(),
+    ),
+    "huge": lambda b, h, t, g: (torch.randn(b, h, 16, generator=g, device=DEV) * 1e4, torch.randn(b, h, t, 16, generator=g, device=DEV) * 1e4),
+    "crowded boundary": _crowded,
+}
+
+
+@pytest.mark.parametrize("name", list(_DISTRIBUTIONS))
+@pytest.mark.parametrize("config", [None, SelectConfig(chunk_score=256, chunk_compact=256, block_finish=256, warps_score=4, warps_compact=4)])
+def test_select_score_distributions(name, config):
+    gen = _gen(11)
+    b, h, t, k = 4, 8, 65536, 6000
+    q_sel, sketch = _DISTRIBUTIONS[name](b, h, t, gen)
+    start, end = _rows(b, t, ragged=True, gen=gen)
+    for _ in range(3):
+        sel = score_select_triton(q_sel, sketch, start, end, sinks=64, window=256, k=k, config=config)
+        res = check_selection(sel, q_sel, sketch, start, end, sinks=64, window=256, k=k)
+        assert res.ok, str(res)
+    _RESULTS.append(("select distribution", f"{name}, {'default' if config is None else 'small chunks'}", str(res)))
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+def _attention_inputs(b, h_kv, group, t, d, k, dtype, layout, gen, ragged=True):
+    q = torch.randn(b, h_kv * group, d, generator=gen, device=DEV).to(dtype)
+    kd = torch.randn(b, h_kv, t, d, generator=gen, device=DEV).to(dtype)
+    vd = torch.randn(b, h_kv, t, d, generator=gen, device=DEV).to(dtype)
+    start, end = _rows(b, t, ragged, gen)
+    q_sel = torch.randn(b, h_kv, 16, generator=gen, device=DEV)
+    sketch = torch.randn(b, h_kv, t, 16, generator=gen, device=DEV)
+    sel = score_select_triton(q_sel, sketch, start, end, sinks=64, window=256, k=k)
+    table = None
+    if layout == "paged":
+        kbuf, table = _paged(kd, gen, torch.int64)
+        vbuf = torch.randn_like(kbuf)
+        vbuf[table.reshape(-1)] = vd.permute(0, 2, 1, 3).reshape(b * t, h_kv, d)
+    elif layout == "strided":
+        kbuf = kd.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        vbuf = vd.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    else:
+        kbuf, vbuf = kd, vd
+    return q, kbuf, vbuf, sel, start, end, table
+
+
+def _rel_err(out, ref):
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6))
+
+
+_ATT_TOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("layout", ["dense", "strided", "paged"])
+@pytest.mark.parametrize("group,d", [(1, 128), (3, 128), (4, 64), (4, 128), (8, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,t,k", [(1, 16384, 1300), (6, 4096, 300)])
+def test_attention(layout, group, d, dtype, b, t, k):
+    gen = _gen(group * 100 + d + b)
+    q, kbuf, vbuf, sel, start, end, table = _attention_inputs(b, 8, group, t, d, k, dtype, layout, gen)
+    scale = 1.0 / math.sqrt(d)
+    ref = reference.budgeted_attention(q, kbuf, vbuf, sel, start, end, 64, 256, scale, table)
+    errs = []
+    for cfg in (None, AttentionConfig(num_splits=1), AttentionConfig(num_splits=7, block_n=32, num_stages=3)):
+        out = torch.full_like(q, float("nan"))
+        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=64, window=256, scale=scale, token_table=table, out=out, config=cfg)
+        errs.append(_rel_err(out, ref))
+        assert errs[-1] < _ATT_TOL[dtype], f"config {cfg}: relative error {errs[-1]:.2e}"
+    _RESULTS.append(("attention", f"{layout} G{group} D{d} {str(dtype)[6:]} B{b} T{t}", "max rel err " + ", ".join(f"{e:.1e}" for e in errs)))
+
+
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+def test_full_budget_is_dense_attention(layout):
+    gen = _gen(5)
+    b, h_kv, group, t, d = 4, 8, 4, 3000, 128
+    q, kbuf, vbuf, _, start, end, table = _attention_inputs(b, h_kv, group, t, d, 1, torch.bfloat16, layout, gen)
+    q_sel = torch.randn(b, h_kv * group, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    sketch = torch.randn(b, h_kv, t, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    if layout == "paged":
+        pool = torch.randn(kbuf.shape[0], h_kv, 16, generator=gen, device=DEV).to(torch.bfloat16)
+        pool[table.reshape(-1)] = sketch.permute(0, 2, 1, 3).reshape(-1, h_kv, 16)
+        sketch = pool
+    out, sel = sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, sinks=64, window=256, budget=t, scale=d**-0.5, token_table=table)
+    dense = reference.dense_decode_attention(q, kbuf, vbuf, start, end, d**-0.5, table)
+    err = _rel_err(out, dense)
+    assert err < 2e-2
+    _RESULTS.append(("full budget == dense", layout, f"max rel err {err:.1e}"))
+
+
+# ------------------------------------------------------------------------- graphs and compilation
+
+
+def _decode_inputs(gen, b=4, t=8192):
+    q = torch.randn(b, 32, 128, generator=gen, device=DEV).to(torch.bfloat16)
+    kbuf = torch.randn(b, 8, t, 128, generator=gen, device=DEV).to(torch.bfloat16)
+    vbuf = torch.randn(b, 8, t, 128, generator=gen, device=DEV).to(torch.bfloat16)
+    q_sel = torch.randn(b, 8, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    sketch = torch.randn(b, 8, t, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    start, end = _rows(b, t, True, gen)
+    return q, kbuf, vbuf, q_sel, sketch, start, end
+
+
+def _step(q, kbuf, vbuf, q_sel, sketch, start, end):
+    return sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, sinks=64, window=256, budget=700, scale=128**-0.5)
+
+
+def test_cuda_graph_capture_and_replay():
+    gen = _gen(21)
+    static = _decode_inputs(gen)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm the allocator outside the capture
+        _step(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, sel_g = _step(*static)
+    for trial in range(3):  # new values in the captured buffers, as a decode loop does
+        fresh = _decode_inputs(_gen(100 + trial))
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        out_e, sel_e = _step(*static)
+        assert torch.equal(torch.sort(sel_g, -1).values, torch.sort(sel_e, -1).values)
+        assert _rel_err(out_g, out_e) < 1e-3
+    _RESULTS.append(("CUDA graph", "capture + 3 replays", "equal to eager"))
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_torch_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    compiled = torch.compile(_step, fullgraph=True, mode=mode)
+    for trial in range(3):
+        inputs = _decode_inputs(_gen(200 + trial))
+        out_c, sel_c = compiled(*inputs)
+        out_e, sel_e = _step(*inputs)
+        assert torch.equal(torch.sort(sel_c, -1).values, torch.sort(sel_e, -1).values)
+        assert _rel_err(out_c, out_e) < 1e-3
+    _RESULTS.append(("torch.compile fullgraph", str(mode), "equal to eager"))
