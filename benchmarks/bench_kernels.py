@@ -76,7 +76,9 @@ class Result:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--budget", type=float, nargs="+", default=[0.05, 0.10, 0.20])
@@ -182,11 +184,14 @@ def naive_sparse(x: Inputs, s: Shape, scale: float):
     idx = torch.cat([fixed.expand(b, hkv, -1), top], -1)
     bi = torch.arange(b, device=DEVICE)[:, None, None]
     hi = torch.arange(hkv, device=DEVICE)[None, :, None]
-    return F.scaled_dot_product_attention(x.q[:, :, None], x.k[bi, hi, idx], x.v[bi, hi, idx], scale=scale, enable_gqa=True)[:, :, 0]
+    k_sel, v_sel = x.k[bi, hi, idx], x.v[bi, hi, idx]
+    return F.scaled_dot_product_attention(x.q[:, :, None], k_sel, v_sel, scale=scale, enable_gqa=True)[:, :, 0]
 
 
 def ours_select(x: Inputs, s: Shape):
-    return torch.ops.butler.score_select(x.q_sel, x.sketch_ours, x.start, x.end, x.table, None, s.sinks, s.window, s.k, torch.int32)
+    return torch.ops.butler.score_select(
+        x.q_sel, x.sketch_ours, x.start, x.end, x.table, None, s.sinks, s.window, s.k, torch.int32
+    )
 
 
 def ours_attend(x: Inputs, s: Shape, sel, scale: float):
@@ -232,7 +237,9 @@ def bench_graph(fn, copies: int) -> float:
 
 def verify(x: Inputs, s: Shape, scale: float) -> tuple[str, float]:
     sel = ours_select(x, s)
-    check = check_selection(sel, x.q_sel, x.sketch_ours, x.start, x.end, sinks=s.sinks, window=s.window, k=s.k, token_table=x.table)
+    check = check_selection(
+        sel, x.q_sel, x.sketch_ours, x.start, x.end, sinks=s.sinks, window=s.window, k=s.k, token_table=x.table
+    )
     out = ours_attend(x, s, sel, scale)
     ref = reference.budgeted_attention(x.q, x.k_ours, x.v_ours, sel, x.start, x.end, s.sinks, s.window, scale, x.table)
     rel = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
@@ -247,10 +254,18 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
     sel_cands = {sel_default}
     for chunk in (256, 512, 1024):
         for compact in (2048, 4096):
-            sel_cands.add(SelectConfig(chunk_score=chunk, chunk_compact=compact, warps_score=max(4, chunk // 128), warps_compact=8))
+            sel_cands.add(
+                SelectConfig(chunk_score=chunk, chunk_compact=compact, warps_score=max(4, chunk // 128), warps_compact=8)
+            )
     sel_times = {}
     for cfg in sel_cands:
-        sel_times[cfg] = bench(lambda i, c=cfg: score_select_triton(xs[i].q_sel, xs[i].sketch_ours, xs[i].start, xs[i].end, sinks=s.sinks, window=s.window, k=s.k, token_table=xs[i].table, config=c), copies)
+        def run_select(i, c=cfg):
+            x = xs[i]
+            score_select_triton(
+                x.q_sel, x.sketch_ours, x.start, x.end, sinks=s.sinks, window=s.window, k=s.k, token_table=x.table, config=c
+            )
+
+        sel_times[cfg] = bench(run_select, copies)
     sels = [ours_select(x, s) for x in xs]
     att_default = default_attention_config(rows, s.attended, s.head_dim, DEVICE)
     att_cands = {att_default}
@@ -260,7 +275,14 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
                 att_cands.add(AttentionConfig(num_splits=splits, block_n=block_n, num_stages=stages))
     att_times = {}
     for cfg in att_cands:
-        att_times[cfg] = bench(lambda i, c=cfg: budgeted_attention_triton(xs[i].q, xs[i].k_ours, xs[i].v_ours, sels[i], xs[i].start, xs[i].end, sinks=s.sinks, window=s.window, scale=scale, token_table=xs[i].table, config=c), copies)
+        def run_attend(i, c=cfg):
+            x = xs[i]
+            budgeted_attention_triton(
+                x.q, x.k_ours, x.v_ours, sels[i], x.start, x.end, sinks=s.sinks, window=s.window, scale=scale,
+                token_table=x.table, config=c,
+            )
+
+        att_times[cfg] = bench(run_attend, copies)
     best_sel = min(sel_times, key=sel_times.get)
     best_att = min(att_times, key=att_times.get)
     return {
@@ -336,7 +358,10 @@ def table(results: list[Result], peak: float) -> str:
 
 
 def tuned_table(results: list[Result]) -> str:
-    lines = ["| batch | context | budget | select default -> best (ms, config) | attend default -> best (ms, config) |", "|---|---|---|---|---|"]
+    lines = [
+        "| batch | context | budget | select default -> best (ms, config) | attend default -> best (ms, config) |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         if not r.tuned:
             continue

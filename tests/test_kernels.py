@@ -199,7 +199,8 @@ def _attention_case(b, h_kv, group, t, d, k, dtype, layout, gen, ragged=True, ta
     kd = torch.randn(b, h_kv, t, d, generator=gen).to(dtype)
     vd = torch.randn(b, h_kv, t, d, generator=gen).to(dtype)
     start, end = _rows(b, t, ragged, gen)
-    sel = score_select_reference(torch.randn(b, h_kv, 16, generator=gen), torch.randn(b, h_kv, t, 16, generator=gen), start, end, sinks=S, window=W, k=k)
+    q_sel = torch.randn(b, h_kv, 16, generator=gen)
+    sel = score_select_reference(q_sel, torch.randn(b, h_kv, t, 16, generator=gen), start, end, sinks=S, window=W, k=k)
     if layout == "paged":
         kbuf, table = _layout(kd, "paged", gen, table_dtype)
         vbuf = torch.randn_like(kbuf, dtype=torch.float32).to(dtype)
@@ -220,7 +221,8 @@ def test_attention_matches_reference(layout, group, d, dtype):
     scale = 1.0 / math.sqrt(d)
     for splits in (1, 3):
         out = torch.full_like(q, float("nan"))
-        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=scale, token_table=table, out=out, config=AttentionConfig(num_splits=splits, block_n=16))
+        cfg = AttentionConfig(num_splits=splits, block_n=16)
+        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=scale, token_table=table, out=out, config=cfg)
         ref = reference.budgeted_attention(q, kbuf, vbuf, sel, start, end, S, W, scale, table)
         torch.testing.assert_close(out.float(), ref.float(), rtol=_tol(dtype), atol=_tol(dtype))
 
@@ -246,7 +248,9 @@ def test_budget_covering_context_is_dense_attention(layout, dtype):
         pool = torch.randn(kbuf.shape[0], h_kv, 16, generator=gen)
         pool[table.long().reshape(-1)] = sketch.permute(0, 2, 1, 3).reshape(-1, h_kv, 16)
         sketch = pool
-    out, sel = sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, sinks=S, window=W, budget=t, scale=0.125, token_table=table, impl="triton")
+    out, sel = sparse_decode(
+        q, kbuf, vbuf, q_sel, sketch, start, end, sinks=S, window=W, budget=t, scale=0.125, token_table=table, impl="triton"
+    )
     dense = reference.dense_decode_attention(q, kbuf, vbuf, start, end, 0.125, table)
     torch.testing.assert_close(out.float(), dense.float(), rtol=_tol(dtype), atol=_tol(dtype))
     n_cand = _ranges_mask(start, end, t).sum(-1)

@@ -93,7 +93,9 @@ def test_select(layout, group, dtype, b, t, k):
     bpr = torch.randint(0, k + 10, (b,), generator=gen, device=DEV) if b == 4 else None
     for attempt in range(3):  # races between programs would show as run-to-run differences
         out = torch.full((b, h_kv, k), 123456789, dtype=torch.int32, device=DEV)
-        score_select_triton(q_sel, buf, start, end, sinks=sinks, window=window, k=k, token_table=table, budget_per_row=bpr, out=out)
+        score_select_triton(
+            q_sel, buf, start, end, sinks=sinks, window=window, k=k, token_table=table, budget_per_row=bpr, out=out
+        )
         res = check_selection(out, q_sel, sketch, start, end, sinks=sinks, window=window, k=k, budget_per_row=bpr)
         assert res.ok, f"attempt {attempt}: {res}"
     _RESULTS.append(("select", f"{layout} G{group} {str(dtype)[6:]} B{b} T{t} k{k}", str(res)))
@@ -113,13 +115,18 @@ _DISTRIBUTIONS = {
         torch.randint(-2, 3, (b, h, 16), generator=g, device=DEV).float(),
         torch.randint(-2, 3, (b, h, t, 16), generator=g, device=DEV).float(),
     ),
-    "huge": lambda b, h, t, g: (torch.randn(b, h, 16, generator=g, device=DEV) * 1e4, torch.randn(b, h, t, 16, generator=g, device=DEV) * 1e4),
+    "huge": lambda b, h, t, g: (
+        torch.randn(b, h, 16, generator=g, device=DEV) * 1e4,
+        torch.randn(b, h, t, 16, generator=g, device=DEV) * 1e4,
+    ),
     "crowded boundary": _crowded,
 }
 
 
 @pytest.mark.parametrize("name", list(_DISTRIBUTIONS))
-@pytest.mark.parametrize("config", [None, SelectConfig(chunk_score=256, chunk_compact=256, block_finish=256, warps_score=4, warps_compact=4)])
+@pytest.mark.parametrize(
+    "config", [None, SelectConfig(chunk_score=256, chunk_compact=256, block_finish=256, warps_score=4, warps_compact=4)]
+)
 def test_select_score_distributions(name, config):
     gen = _gen(11)
     b, h, t, k = 4, 8, 65536, 6000
@@ -175,10 +182,13 @@ def test_attention(layout, group, d, dtype, b, t, k):
     errs = []
     for cfg in (None, AttentionConfig(num_splits=1), AttentionConfig(num_splits=7, block_n=32, num_stages=3)):
         out = torch.full_like(q, float("nan"))
-        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=64, window=256, scale=scale, token_table=table, out=out, config=cfg)
+        budgeted_attention_triton(
+            q, kbuf, vbuf, sel, start, end, sinks=64, window=256, scale=scale, token_table=table, out=out, config=cfg
+        )
         errs.append(_rel_err(out, ref))
         assert errs[-1] < _ATT_TOL[dtype], f"config {cfg}: relative error {errs[-1]:.2e}"
-    _RESULTS.append(("attention", f"{layout} G{group} D{d} {str(dtype)[6:]} B{b} T{t}", "max rel err " + ", ".join(f"{e:.1e}" for e in errs)))
+    errors = "max rel err " + ", ".join(f"{e:.1e}" for e in errs)
+    _RESULTS.append(("attention", f"{layout} G{group} D{d} {str(dtype)[6:]} B{b} T{t}", errors))
 
 
 @pytest.mark.parametrize("layout", ["dense", "paged"])
@@ -192,7 +202,9 @@ def test_full_budget_is_dense_attention(layout):
         pool = torch.randn(kbuf.shape[0], h_kv, 16, generator=gen, device=DEV).to(torch.bfloat16)
         pool[table.reshape(-1)] = sketch.permute(0, 2, 1, 3).reshape(-1, h_kv, 16)
         sketch = pool
-    out, sel = sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, sinks=64, window=256, budget=t, scale=d**-0.5, token_table=table)
+    out, sel = sparse_decode(
+        q, kbuf, vbuf, q_sel, sketch, start, end, sinks=64, window=256, budget=t, scale=d**-0.5, token_table=table
+    )
     dense = reference.dense_decode_attention(q, kbuf, vbuf, start, end, d**-0.5, table)
     err = _rel_err(out, dense)
     assert err < 2e-2

@@ -66,7 +66,8 @@ def _build(mod, launch, variant, arch) -> Build:
     fn = getattr(mod, launch.kernel)
     signature, consts, attrs = _specialise(fn, launch.args, launch.meta)
     options = {"num_warps": launch.meta["num_warps"], "num_stages": launch.meta["num_stages"]}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32), options=options)
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -104,10 +105,13 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
         out_sel = torch.empty(b, h_kv, k, dtype=torch.int32, device=meta)
         cfg = default_select_config(b * h_kv, t, meta, sms=sms)
         for paged in (False, True):
-            sketch = torch.empty(b * t, h_kv, dp, device=meta, dtype=torch.bfloat16) if paged else torch.empty(b, h_kv, t, dp, device=meta, dtype=torch.bfloat16)
+            sketch_shape = (b * t, h_kv, dp) if paged else (b, h_kv, t, dp)
+            sketch = torch.empty(sketch_shape, device=meta, dtype=torch.bfloat16)
             for group in (1, 4):
                 q_sel = torch.empty(b, h_kv * group, dp, device=meta, dtype=torch.bfloat16)
-                launches = select_launches(q_sel, sketch, start, end, table if paged else None, None, sinks, window, k, out_sel, cfg)
+                launches = select_launches(
+                    q_sel, sketch, start, end, table if paged else None, None, sinks, window, k, out_sel, cfg
+                )
                 layout = "paged" if paged else "dense"
                 builds.append(_build(sel_mod, launches[0], f"B {b}, chunk {cfg.chunk_score}, group {group}, {layout}", arch))
                 if group == 1 and not paged:
@@ -117,7 +121,9 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
         for paged in (False, True):
             shape = (b * t, h_kv, d) if paged else (b, h_kv, t, d)
             kv = torch.empty(shape, device=meta, dtype=torch.bfloat16)
-            launches = attention_launches(q, kv, kv, out_sel, start, end, table if paged else None, sinks, window, d**-0.5, q, att_cfg)
+            launches = attention_launches(
+                q, kv, kv, out_sel, start, end, table if paged else None, sinks, window, d**-0.5, q, att_cfg
+            )
             variant = f"B {b}, {launches[0].grid[1]} splits, block {att_cfg.block_n}, {'paged' if paged else 'dense'}"
             builds.extend(_build(att_mod, launch, variant, arch) for launch in launches)
     return builds

@@ -8,7 +8,6 @@ positions, once per GQA group.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -132,8 +131,3 @@ def attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, win
             dict(D=d, BLOCK_D=block_d, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4, num_stages=1),
         ))
     return launches
-
-
-def default_scale(head_dim: int) -> float:
-    """The usual softmax scale ``1 / sqrt(D)``."""
-    return 1.0 / math.sqrt(head_dim)
