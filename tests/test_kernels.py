@@ -4,17 +4,23 @@ Triton interpreter; plus the custom ops, the dispatch entry point and argument c
 Shapes are small on purpose (the interpreter runs every program in Python); the kernels are given
 small chunks and blocks so that several programs, tickets and loop trips still happen.
 tests/test_kernels_gpu.py runs the same checks at larger shapes on a GPU.
+
+Triton's mode is fixed per process when triton is first imported. This module sets
+TRITON_INTERPRET=1 before importing it; when something in the session (a conftest importing
+transformers, say) imported triton earlier in compiled mode, the tests cannot run on CPU tensors
+here, and ``test_interpreter_suite_in_fresh_process`` runs this file again in a fresh process with
+the variable set from the start.
 """
 
 import os
+import sys
 
-# Before triton is imported by anything in this module (butler_kernels itself imports it lazily).
-os.environ["TRITON_INTERPRET"] = "1"
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,12 +38,24 @@ from butler_kernels import (  # noqa: E402
 from butler_kernels import _triton_loader  # noqa: E402
 from butler_kernels.testing import check_selection  # noqa: E402
 
-# A process runs Triton in one mode, fixed when triton is first imported: if something imported it
-# before this module could set TRITON_INTERPRET, the kernels cannot run on CPU tensors here.
-pytestmark = pytest.mark.skipif(
-    not _triton_loader.triton_interpreted(),
-    reason="triton was imported before TRITON_INTERPRET=1 was set: run tests/test_kernels.py in its own pytest process",
-)
+IN_PROCESS = _triton_loader.triton_interpreted()
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_here(request):
+    if not IN_PROCESS and request.node.originalname != "test_interpreter_suite_in_fresh_process":
+        pytest.skip("triton was imported in compiled mode before this module; test_interpreter_suite_in_fresh_process runs it")
+
+
+def test_interpreter_suite_in_fresh_process():
+    if IN_PROCESS:
+        pytest.skip("Triton runs in interpreter mode in this process: the tests run here")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    print(proc.stdout.strip().splitlines()[-1])
+
 
 S, W = 4, 16  # sinks and window of most cases
 SMALL_SELECT = SelectConfig(chunk_score=64, chunk_compact=128, block_finish=32)
