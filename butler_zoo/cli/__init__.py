@@ -12,6 +12,7 @@ from butler_zoo import __version__
 COMMAND_MODULES = [
     "butler_zoo.cli.generate",
     "butler_zoo.cli.info",
+    "butler_zoo.cli.export",
 ]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
