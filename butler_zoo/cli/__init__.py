@@ -12,6 +12,7 @@ from butler_zoo import __version__
 COMMAND_MODULES = [
     "butler_zoo.cli.generate",
     "butler_zoo.cli.info",
+    "butler_zoo.cli.hub",
     "butler_zoo.cli.export",
 ]
 
