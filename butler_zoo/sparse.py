@@ -1,7 +1,8 @@
 """One budgeted decode step on a transformers cache layer: valid range, selection, attention.
 
-The selection and the attention go through :mod:`butler_kernels`: the Triton kernels on CUDA,
-the plain-torch reference elsewhere. Both implement :mod:`butler_kernels.reference`.
+The selection and the attention go through :mod:`butler_kernels` (its ``butler::`` custom ops):
+the Triton kernels on CUDA, the plain-torch reference elsewhere. Both implement
+:mod:`butler_kernels.reference`, and both are traceable by ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from butler_kernels import reference as ref
+from butler_kernels import sparse_decode
 from butler_zoo.errors import ButlerError
 from butler_zoo.policy import SparsePolicy
 
@@ -50,8 +52,7 @@ def fits_dense(length: int, policy: SparsePolicy) -> bool:
 
 
 def _select(q_sel, sketch, start, end, policy: SparsePolicy, budget: int, per_row):
-    scores = ref.score_tokens(q_sel, sketch, sketch.shape[1])
-    return ref.select_topk(scores, start, end, policy.sinks, policy.window, budget, per_row)
+    return torch.ops.butler.score_select(q_sel, sketch, start, end, None, per_row, policy.sinks, policy.window, budget, torch.int32)
 
 
 def decode_step(
@@ -76,11 +77,13 @@ def decode_step(
         _check_contiguous(attention_mask, start, end)
     budget = policy.max_budget(length)
     per_row = ref.budget_for_rows(policy.budget, start, end, budget)
-    if policy.prediction_interval == 1 or cache_layer is None:
-        sel = _select(q_sel, sketch, start, end, policy, budget, per_row)
-    else:
-        sel = _interval_selection(cache_layer, q_sel, sketch, start, end, policy, budget, per_row, length)
-    out = ref.budgeted_attention(q, key, value, sel, start, end, policy.sinks, policy.window, scaling)
+    selection = None
+    if policy.prediction_interval > 1 and cache_layer is not None:
+        selection = _interval_selection(cache_layer, q_sel, sketch, start, end, policy, budget, per_row, length)
+    out, sel = sparse_decode(
+        q, key, value, q_sel, sketch, start, end, sinks=policy.sinks, window=policy.window, budget=budget,
+        scale=scaling, budget_per_row=per_row, selection=selection,
+    )
     return out, sel, start, end
 
 
