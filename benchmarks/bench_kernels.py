@@ -267,7 +267,7 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
 
         sel_times[cfg] = bench(run_select, copies)
     sels = [ours_select(x, s) for x in xs]
-    att_default = default_attention_config(rows, s.attended, s.head_dim, DEVICE)
+    att_default = default_attention_config(rows, s.attended, s.head_dim, DEVICE, dtype=xs[0].q.dtype)
     att_cands = {att_default}
     for splits in {max(1, att_default.num_splits // 2), att_default.num_splits, att_default.num_splits * 2}:
         for block_n in (32, 64):

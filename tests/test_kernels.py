@@ -440,4 +440,6 @@ def test_kernels_compile_for_hopper():
     for b in builds:
         assert b["spill_bytes"] == 0, f"{b['kernel']} ({b['variant']}) spills {b['spill_bytes']} bytes"
         if b["kernel"] == "_attn_split_kernel":
-            assert b["mma"] and b["cp_async"], f"the K/V loop lost its tensor cores or its pipelining: {b}"
+            assert b["cp_async"], f"the K/V loop lost its pipelining: {b}"
+            # fp32 K/V take IEEE dots on the FMA units by design (no TF32)
+            assert b["mma"] or "float32" in b["variant"], f"the K/V loop lost its tensor cores: {b}"

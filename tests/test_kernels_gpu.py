@@ -170,9 +170,15 @@ def _rel_err(out, ref):
 _ATT_TOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.parametrize("layout", ["dense", "strided", "paged"])
-@pytest.mark.parametrize("group,d", [(1, 128), (3, 128), (4, 64), (4, 128), (8, 128)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+_ATTENTION_CASES = [
+    (layout, group, d, dtype)
+    for layout in ("dense", "strided", "paged")
+    for group, d in ((1, 128), (3, 128), (4, 64), (4, 128), (8, 128))
+    for dtype in (torch.bfloat16, torch.float16)
+] + [("dense", 4, 128, torch.float32), ("paged", 1, 64, torch.float32)]
+
+
+@pytest.mark.parametrize("layout,group,d,dtype", _ATTENTION_CASES)
 @pytest.mark.parametrize("b,t,k", [(1, 16384, 1300), (6, 4096, 300)])
 def test_attention(layout, group, d, dtype, b, t, k):
     gen = _gen(group * 100 + d + b)

@@ -109,13 +109,14 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
             sketch = torch.empty(sketch_shape, device=meta, dtype=torch.bfloat16)
             for group in (1, 4):
                 q_sel = torch.empty(b, h_kv * group, dp, device=meta, dtype=torch.bfloat16)
+                bpr = start if paged else None  # paged variants also take a per-row budget
                 launches = select_launches(
-                    q_sel, sketch, start, end, table if paged else None, None, sinks, window, k, out_sel, cfg
+                    q_sel, sketch, start, end, table if paged else None, bpr, sinks, window, k, out_sel, cfg
                 )
-                layout = "paged" if paged else "dense"
+                layout = "paged, budget per row" if paged else "dense"
                 builds.append(_build(sel_mod, launches[0], f"B {b}, chunk {cfg.chunk_score}, group {group}, {layout}", arch))
-                if group == 1 and not paged:
-                    builds.append(_build(sel_mod, launches[1], f"B {b}, chunk {cfg.chunk_compact}", arch))
+                if group == 1:
+                    builds.append(_build(sel_mod, launches[1], f"B {b}, chunk {cfg.chunk_compact}, {layout}", arch))
         q = torch.empty(b, h_q, d, device=meta, dtype=torch.bfloat16)
         att_cfg = default_attention_config(b * h_kv, sinks + window + k, d, meta, sms=sms)
         for paged in (False, True):
@@ -126,6 +127,17 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
             )
             variant = f"B {b}, {launches[0].grid[1]} splits, block {att_cfg.block_n}, {'paged' if paged else 'dense'}"
             builds.extend(_build(att_mod, launch, variant, arch) for launch in launches)
+    # the other dtypes and GQA shapes, once each (fp32 takes the IEEE, no-TF32 dot)
+    for dtype, group, d in ((torch.float16, 8, 64), (torch.float32, 1, 128), (torch.bfloat16, 3, 128)):
+        b = 4
+        q = torch.empty(b, h_kv * group, d, device=meta, dtype=dtype)
+        kv = torch.empty(b, h_kv, t, d, device=meta, dtype=dtype)
+        sel = torch.empty(b, h_kv, k, dtype=torch.int64, device=meta)
+        start = torch.zeros(b, dtype=torch.int64, device=meta)
+        end = torch.full((b,), t, dtype=torch.int64, device=meta)
+        att_cfg = default_attention_config(b * h_kv, sinks + window + k, d, meta, sms=sms, dtype=dtype)
+        launch = attention_launches(q, kv, kv, sel, start, end, None, sinks, window, d**-0.5, q, att_cfg)[0]
+        builds.append(_build(att_mod, launch, f"B {b}, {str(dtype)[6:]}, GQA {group}, D {d}, int64 selection", arch))
     return builds
 
 

@@ -12,10 +12,10 @@ per call plus one memset of a small int32 workspace:
    histogram into the threshold bin ``b1``: everything in bins above it is selected, the bin
    itself holds the boundary.
 2. ``_compact_kernel``, same grid over the keys: stream-compacts candidates above ``b1`` straight
-   into the output, copies the members of ``b1`` into a side buffer and histograms them on the
-   next 12 key bits. The last program of a row resolves the boundary exactly: a 4096-bin
-   threshold on that second histogram, then a serial radix select on what is left (usually a
-   handful of keys), then ``-1`` padding.
+   into the output, copies the positions of the members of ``b1`` into a side buffer and
+   histograms their keys on the next 12 bits. The last program of a row resolves the boundary
+   exactly: a 4096-bin threshold on that second histogram, then a serial radix select on what is
+   left (usually a handful of keys), then ``-1`` padding.
 
 Nothing is ever sorted and no fp32 score goes back to memory. Every shape is static for a fixed
 ``k``, nothing syncs with the host, so the launch sequence is CUDA-graph capturable.
@@ -186,10 +186,10 @@ def _bit_length(x):
 
 
 @triton.jit
-def _select_exact(pos_ptr, key_ptr, n, need, out_row, stride_ok, written, BLOCK: tl.constexpr):
-    """Write the positions of the ``need`` largest of the ``n`` keys at ``pos_ptr``/``key_ptr`` to
-    ``out_row[written:]``; ties at the threshold are broken by buffer order. Returns ``written``
-    advanced by ``min(need, n)``.
+def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK: tl.constexpr):
+    """Write the ``need`` positions with the largest keys among the ``n`` positions at ``pos_ptr``
+    (keys gathered from ``keys_row``) to ``out_row[written:]``; ties at the threshold are broken by
+    buffer order. Returns ``written`` advanced by ``min(need, n)``.
 
     Serial radix select: 8 bits per pass over the live key interval [base, base + width], starting
     from the members' own min/max so that a narrow set needs few passes and all-equal keys none."""
@@ -209,7 +209,8 @@ def _select_exact(pos_ptr, key_ptr, n, need, out_row, stride_ok, written, BLOCK:
         while i < n:
             offs = i + tl.arange(0, BLOCK)
             m = offs < n
-            key = tl.load(key_ptr + offs, mask=m, other=0, cache_modifier=".cg")
+            pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
+            key = tl.load(keys_row + pos, mask=m, other=0)
             kmin = tl.minimum(kmin, tl.min(tl.where(m, key, _INT32_MAX), 0))
             kmax = tl.maximum(kmax, tl.max(tl.where(m, key, _INT32_MIN), 0))
             i += BLOCK
@@ -223,7 +224,8 @@ def _select_exact(pos_ptr, key_ptr, n, need, out_row, stride_ok, written, BLOCK:
             while i < n:
                 offs = i + tl.arange(0, BLOCK)
                 m = offs < n
-                key = tl.load(key_ptr + offs, mask=m, other=0, cache_modifier=".cg").to(tl.int64)
+                pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
+                key = tl.load(keys_row + pos, mask=m, other=0).to(tl.int64)
                 live = m & (key >= base) & (key <= base + width)
                 digit = tl.where(live, (key - base) >> shift, 0).to(tl.int32)
                 hist += tl.histogram(digit, NB_REFINE, mask=live)
@@ -239,8 +241,8 @@ def _select_exact(pos_ptr, key_ptr, n, need, out_row, stride_ok, written, BLOCK:
         while i < n:
             offs = i + tl.arange(0, BLOCK)
             m = offs < n
-            key = tl.load(key_ptr + offs, mask=m, other=0, cache_modifier=".cg")
             pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
+            key = tl.load(keys_row + pos, mask=m, other=0)
             gt = m & (key > thr)
             eq = m & (key == thr)
             eq_i = eq.to(tl.int32)
@@ -255,7 +257,7 @@ def _select_exact(pos_ptr, key_ptr, n, need, out_row, stride_ok, written, BLOCK:
 
 
 @triton.jit
-def _finish_row(ws_row, bin_pos, bin_key, out_row, stride_ok, b1, k_row, k, BLOCK: tl.constexpr):
+def _finish_row(ws_row, side, keys_row, out_row, stride_ok, b1, k_row, k, BLOCK: tl.constexpr):
     a1 = tl.load(ws_row + WS_A1)
     n = tl.load(ws_row + WS_CNT_BIN, cache_modifier=".cg")
     need = tl.maximum(k_row - a1, 0)
@@ -265,15 +267,14 @@ def _finish_row(ws_row, bin_pos, bin_key, out_row, stride_ok, b1, k_row, k, BLOC
             hist2 = tl.load(ws_row + WS_HIST2 + tl.arange(0, NB2), cache_modifier=".cg")
             b2, a2 = _threshold_bin(hist2, need, NB2)
             # Members above b2 are selected; members in b2 are compacted in place to the front of
-            # the side buffer (a block is fully read before the barrier, and lands below its end).
+            # the side buffer (a block is fully read before the barrier and lands below its end).
             kept = tl.zeros([], tl.int32)
             i = tl.zeros([], tl.int32)
             while i < n:
                 offs = i + tl.arange(0, BLOCK)
                 m = offs < n
-                pos = tl.load(bin_pos + offs, mask=m, other=0, cache_modifier=".cg")
-                key = tl.load(bin_key + offs, mask=m, other=0, cache_modifier=".cg")
-                d2 = _fine_digit(key)
+                pos = tl.load(side + offs, mask=m, other=0, cache_modifier=".cg")
+                d2 = _fine_digit(tl.load(keys_row + pos, mask=m, other=0))
                 gt = m & (d2 > b2)
                 eq = m & (d2 == b2)
                 gt_i = gt.to(tl.int32)
@@ -281,15 +282,13 @@ def _finish_row(ws_row, bin_pos, bin_key, out_row, stride_ok, b1, k_row, k, BLOC
                 tl.store(out_row + (written + tl.cumsum(gt_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=gt)
                 written += tl.sum(gt_i, 0)
                 tl.debug_barrier()
-                dst = kept + tl.cumsum(eq_i, 0) - 1
-                tl.store(bin_pos + dst, pos, mask=eq)
-                tl.store(bin_key + dst, key, mask=eq)
+                tl.store(side + kept + tl.cumsum(eq_i, 0) - 1, pos, mask=eq)
                 kept += tl.sum(eq_i, 0)
                 i += BLOCK
             tl.debug_barrier()
             n = kept
             need = need - a2
-        written = _select_exact(bin_pos, bin_key, n, need, out_row, stride_ok, written, BLOCK)
+        written = _select_exact(side, keys_row, n, need, out_row, stride_ok, written, BLOCK)
     i = written + tl.zeros([], tl.int32)
     while i < k:
         offs = i + tl.arange(0, BLOCK)
@@ -299,7 +298,7 @@ def _finish_row(ws_row, bin_pos, bin_key, out_row, stride_ok, b1, k_row, k, BLOC
 
 @triton.jit
 def _compact_kernel(
-    start_ptr, end_ptr, bpr_ptr, keys_ptr, ws_ptr, bin_ptr,
+    start_ptr, end_ptr, bpr_ptr, keys_ptr, ws_ptr, side_ptr,
     out_ptr, stride_ob, stride_oh, stride_ok,
     T, n_chunks, sinks, window, k,
     H_KV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_BPR: tl.constexpr,
@@ -310,15 +309,15 @@ def _compact_kernel(
     row = b * H_KV + h
     ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     out_row = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    bin_pos = bin_ptr + row.to(tl.int64) * (2 * T)
-    bin_key = bin_pos + T
+    keys_row = keys_ptr + row.to(tl.int64) * T
+    side = side_ptr + row.to(tl.int64) * T
     b1 = tl.load(ws_row + WS_B1)
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
     c0 = c * CHUNK
     if (c0 < hi) & (c0 + CHUNK > lo) & (b1 < NB1):
         offs = c0 + tl.arange(0, CHUNK)
         cand = (offs >= lo) & (offs < hi)
-        key = tl.load(keys_ptr + row.to(tl.int64) * T + offs, mask=cand, other=0)
+        key = tl.load(keys_row + offs, mask=cand, other=0)
         digit = _coarse_bin(key)
         above = cand & (digit > b1)
         above_i = above.to(tl.int32)
@@ -333,9 +332,7 @@ def _compact_kernel(
         n_member = tl.sum(member_i, 0)
         if n_member > 0:
             base = tl.atomic_add(ws_row + WS_CNT_BIN, n_member, sem="relaxed")
-            dst = base + tl.cumsum(member_i, 0) - 1
-            tl.store(bin_pos + dst, offs, mask=member)
-            tl.store(bin_key + dst, key, mask=member)
+            tl.store(side + base + tl.cumsum(member_i, 0) - 1, offs, mask=member)
             if _is_regular_bin(b1):
                 tl.atomic_add(ws_row + WS_HIST2 + _fine_digit(key), 1, mask=member, sem="relaxed")
 
@@ -343,4 +340,4 @@ def _compact_kernel(
     ticket = tl.atomic_add(ws_row + WS_TICKET2, 1, sem="acq_rel")
     if ticket == n_chunks - 1:
         k_row = _row_budget(bpr_ptr, b, k, HAS_BPR)
-        _finish_row(ws_row, bin_pos, bin_key, out_row, stride_ok, b1, k_row, k, BLOCK)
+        _finish_row(ws_row, side, keys_row, out_row, stride_ok, b1, k_row, k, BLOCK)

@@ -38,14 +38,18 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig.block_n must be a power of two >= 16, got {self.block_n}")
 
 
-def default_attention_config(rows: int, attended: int, head_dim: int, device, sms: int | None = None) -> AttentionConfig:
+def default_attention_config(
+    rows: int, attended: int, head_dim: int, device, sms: int | None = None, dtype: torch.dtype = torch.bfloat16
+) -> AttentionConfig:
     """Enough splits for ~4 programs per SM, but at least two blocks per split so that the merge
-    and the per-program Q load stay small next to the K/V traffic."""
-    block_n = 64 if head_dim <= 128 else 32
+    and the per-program Q load stay small next to the K/V traffic. fp32 K/V (no tensor cores)
+    takes half the block and twice the warps, which keeps it from spilling registers."""
+    wide = head_dim > 128 or dtype == torch.float32
+    block_n = 32 if wide else 64
     sms = sms if sms is not None else num_sms(device)
     max_splits = max(1, -(-attended // (2 * block_n)))
     splits = min(max(1, -(-4 * sms // max(rows, 1))), max_splits)
-    return AttentionConfig(num_splits=splits, block_n=block_n)
+    return AttentionConfig(num_splits=splits, block_n=block_n, num_warps=8 if dtype == torch.float32 else 4)
 
 
 def budgeted_attention_triton(
@@ -77,7 +81,7 @@ def budgeted_attention_triton(
         check_out("out", out, (b, hq, d), q.dtype, device)
     if b == 0:
         return out
-    cfg = config or default_attention_config(b * h_kv, sinks + window + sel.shape[-1], d, device)
+    cfg = config or default_attention_config(b * h_kv, sinks + window + sel.shape[-1], d, device, dtype=q.dtype)
     run_launches(_KERNELS, attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, out, cfg))
     return out
 
@@ -88,6 +92,7 @@ def attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, win
     device = q.device
     b, hq, d = q.shape
     h_kv = k_buf.shape[1]
+    start, end = start.contiguous(), end.contiguous()  # indexed with unit stride
     group = hq // h_kv
     n_sel = sel.shape[-1]
     blocks = max(1, -(-(sinks + window + n_sel) // cfg.block_n))

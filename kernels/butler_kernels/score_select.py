@@ -61,10 +61,10 @@ def default_select_config(rows: int, length: int, device, sms: int | None = None
 
 
 def workspace_bytes(batch: int, num_kv_heads: int, length: int) -> int:
-    """Scratch memory one call allocates (keys, boundary buffer, histograms): 12 bytes per
-    (row, KV head, position) plus ~17 KB per (row, KV head)."""
+    """Scratch memory one call allocates (keys, boundary positions, histograms): 8 bytes per
+    (row, KV head, position of the cache or table) plus ~17 KB per (row, KV head)."""
     rows = batch * num_kv_heads
-    return rows * (3 * length + _WS_STRIDE) * 4
+    return rows * (2 * length + _WS_STRIDE) * 4
 
 
 def score_select_triton(
@@ -107,12 +107,16 @@ def select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sink
     device = q_sel.device
     b, h_kv = out.shape[0], out.shape[1]
     rows = b * h_kv
+    # The kernels index the per-row vectors with unit stride (a no-op for the usual tensors).
+    start, end = start.contiguous(), end.contiguous()
+    if budget_per_row is not None:
+        budget_per_row = budget_per_row.contiguous()
     paged = sketch.dim() == 3
     t = token_table.shape[1] if paged else sketch.shape[2]
     ws = torch.zeros((rows, _WS_STRIDE), dtype=torch.int32, device=device)
     # max(t, 1): an empty cache still needs valid pointers.
     keys = scratch((rows, max(t, 1)), torch.int32, device)
-    side = scratch((rows, 2, max(t, 1)), torch.int32, device)
+    side = scratch((rows, max(t, 1)), torch.int32, device)
     if paged:
         sk_strides = (sketch.stride(0), sketch.stride(1), 0, sketch.stride(2))
         tt, tt_strides = token_table, (token_table.stride(0), token_table.stride(1))
