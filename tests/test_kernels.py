@@ -58,7 +58,7 @@ def test_interpreter_suite_in_fresh_process():
 
 
 S, W = 4, 16  # sinks and window of most cases
-SMALL_SELECT = SelectConfig(chunk_score=64, chunk_compact=128, block_finish=32)
+SMALL_SELECT = SelectConfig(chunk_score=64, chunk_compact=128, block_finish=32, programs_per_row=3)
 INDEX_POISON = 123456789
 
 

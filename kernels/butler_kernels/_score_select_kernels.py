@@ -5,8 +5,8 @@ Imported lazily through ``_triton_loader.kernel_module``, in the mode Triton run
 Selection is a radix select on an order-preserving int32 key of the score, done in two launches
 per call plus one memset of a small int32 workspace:
 
-1. ``_score_hist_kernel``, one program per (KV head, chunk of positions, row): reads the sketch
-   once, scores the candidates, writes their keys (4 bytes per token instead of the 32-byte sketch
+1. ``_score_hist_kernel``, a few programs per (KV head, row), each striding over chunks of the
+   row's candidates: reads the sketch once, scores the candidates, writes their keys (4 bytes per token instead of the 32-byte sketch
    row, so later passes are cheap) and adds a 256-bin histogram of a coarse, monotone bin of the
    key to the row's histogram. The last program of a row to finish (ticket counter) turns the
    histogram into the threshold bin ``b1``: everything in bins above it is selected, the bin
@@ -116,22 +116,27 @@ def _score_hist_kernel(
     tt_ptr, stride_ttb, stride_ttt,
     start_ptr, end_ptr, bpr_ptr,
     keys_ptr, ws_ptr,
-    T, n_chunks, sinks, window, k,
+    T, sinks, window, k,
     H_KV: tl.constexpr, GROUP: tl.constexpr, DP: tl.constexpr, BLOCK_DP: tl.constexpr,
     CHUNK: tl.constexpr, PAGED: tl.constexpr, HAS_BPR: tl.constexpr,
 ):
     h = tl.program_id(0)
-    c = tl.program_id(1)
+    p = tl.program_id(1)
     b = tl.program_id(2)
+    n_prog = tl.num_programs(1)
     row = b * H_KV + h
     ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
-    c0 = c * CHUNK
-    if (c0 < hi) & (c0 + CHUNK > lo):
-        offs = c0 + tl.arange(0, CHUNK)
+    dd = tl.arange(0, BLOCK_DP)
+    dmask = dd < DP
+    # Programs stride over the chunks of their row's candidates only: T is a capacity (a static
+    # cache, SGLang's table width) that the rows may fill only partly, and unused chunks must cost
+    # nothing, not even an idle program.
+    hist = tl.zeros([NB1], tl.int32)
+    c = lo // CHUNK + p
+    while c * CHUNK < hi:
+        offs = c * CHUNK + tl.arange(0, CHUNK)
         cand = (offs >= lo) & (offs < hi)
-        dd = tl.arange(0, BLOCK_DP)
-        dmask = dd < DP
         if PAGED:
             slot = tl.load(tt_ptr + b.to(tl.int64) * stride_ttb + offs.to(tl.int64) * stride_ttt, mask=cand, other=0)
             rows = sk_ptr + slot.to(tl.int64) * stride_sk0 + h.to(tl.int64) * stride_sk1
@@ -156,13 +161,14 @@ def _score_hist_kernel(
             best = tl.maximum(best, tl.sum(sk * qg[None, :], axis=1))
         key = _order_key(best)
         tl.store(keys_ptr + row.to(tl.int64) * T + offs, key, mask=cand)
-        hist = tl.histogram(_coarse_bin(key), NB1, mask=cand)
-        tl.atomic_add(ws_row + WS_HIST1 + tl.arange(0, NB1), hist, mask=hist > 0, sem="relaxed")
+        hist += tl.histogram(_coarse_bin(key), NB1, mask=cand)
+        c += n_prog
+    tl.atomic_add(ws_row + WS_HIST1 + tl.arange(0, NB1), hist, mask=hist > 0, sem="relaxed")
 
     # Last program of the row: every histogram update of the row is visible after the ticket.
     tl.debug_barrier()
     ticket = tl.atomic_add(ws_row + WS_TICKET1, 1, sem="acq_rel")
-    if ticket == n_chunks - 1:
+    if ticket == n_prog - 1:
         hist = tl.load(ws_row + WS_HIST1 + tl.arange(0, NB1), cache_modifier=".cg")
         k_row = _row_budget(bpr_ptr, b, k, HAS_BPR)
         total = tl.sum(hist, 0)
@@ -300,12 +306,13 @@ def _finish_row(ws_row, side, keys_row, out_row, stride_ok, b1, k_row, k, BLOCK:
 def _compact_kernel(
     start_ptr, end_ptr, bpr_ptr, keys_ptr, ws_ptr, side_ptr,
     out_ptr, stride_ob, stride_oh, stride_ok,
-    T, n_chunks, sinks, window, k,
+    T, sinks, window, k,
     H_KV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_BPR: tl.constexpr,
 ):
     h = tl.program_id(0)
-    c = tl.program_id(1)
+    p = tl.program_id(1)
     b = tl.program_id(2)
+    n_prog = tl.num_programs(1)
     row = b * H_KV + h
     ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     out_row = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -313,9 +320,11 @@ def _compact_kernel(
     side = side_ptr + row.to(tl.int64) * T
     b1 = tl.load(ws_row + WS_B1)
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
-    c0 = c * CHUNK
-    if (c0 < hi) & (c0 + CHUNK > lo) & (b1 < NB1):
-        offs = c0 + tl.arange(0, CHUNK)
+    if b1 >= NB1:  # nothing to select: skip straight to the ticket
+        hi = lo
+    c = lo // CHUNK + p
+    while c * CHUNK < hi:
+        offs = c * CHUNK + tl.arange(0, CHUNK)
         cand = (offs >= lo) & (offs < hi)
         key = tl.load(keys_row + offs, mask=cand, other=0)
         digit = _coarse_bin(key)
@@ -335,9 +344,10 @@ def _compact_kernel(
             tl.store(side + base + tl.cumsum(member_i, 0) - 1, offs, mask=member)
             if _is_regular_bin(b1):
                 tl.atomic_add(ws_row + WS_HIST2 + _fine_digit(key), 1, mask=member, sem="relaxed")
+        c += n_prog
 
     tl.debug_barrier()
     ticket = tl.atomic_add(ws_row + WS_TICKET2, 1, sem="acq_rel")
-    if ticket == n_chunks - 1:
+    if ticket == n_prog - 1:
         k_row = _row_budget(bpr_ptr, b, k, HAS_BPR)
         _finish_row(ws_row, side, keys_row, out_row, stride_ok, b1, k_row, k, BLOCK)

@@ -30,11 +30,12 @@ _WS_STRIDE = 256 + 4096 + 8
 class SelectConfig:
     """Launch parameters of the two selection kernels (powers of two)."""
 
-    chunk_score: int = 1024  # positions per scoring program
-    chunk_compact: int = 4096  # positions per compaction program
+    chunk_score: int = 1024  # positions per scoring step
+    chunk_compact: int = 2048  # positions per compaction step
     block_finish: int = 1024  # vector width of the serial end-of-row select
     warps_score: int = 8
     warps_compact: int = 8
+    programs_per_row: int = 0  # per (row, KV head) and kernel; 0: enough for ~8 per SM
 
     def __post_init__(self) -> None:
         for name in ("chunk_score", "chunk_compact", "block_finish"):
@@ -44,19 +45,19 @@ class SelectConfig:
 
 
 def default_select_config(rows: int, length: int, device, sms: int | None = None) -> SelectConfig:
-    """Largest chunks that still give every SM a few programs: big chunks amortise the per-program
-    histogram flush and ticket, small ones fill the GPU at batch 1. Warps grow with the chunk so
-    that a scoring thread keeps about four sketch rows in registers (more spills with 4-8
-    predictor heads per group)."""
+    """Chunks that still give every SM a few programs at batch 1 (big chunks amortise the
+    per-program histogram flush and ticket). Warps grow with the chunk so that a scoring thread
+    keeps about four sketch rows in registers (more spills with 4-8 predictor heads per group);
+    compaction steps are twice as long, at about 100 registers (two programs per SM)."""
     target = 3 * (sms if sms is not None else num_sms(device))
     chunk = 1024
     while chunk > 256 and rows * -(-length // chunk) < target:
         chunk //= 2
     return SelectConfig(
         chunk_score=chunk,
-        chunk_compact=4 * chunk,
+        chunk_compact=2 * chunk,
         warps_score=max(4, chunk // 128),
-        warps_compact=8,
+        warps_compact=max(4, chunk // 128),
     )
 
 
@@ -126,18 +127,18 @@ def select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sink
     has_bpr = budget_per_row is not None
     bpr = budget_per_row if has_bpr else start
     dp = q_sel.shape[-1]
-    n1 = max(1, -(-t // cfg.chunk_score))
-    n2 = max(1, -(-t // cfg.chunk_compact))
+    n1 = _programs_per_row(t, cfg.chunk_score, rows, device, cfg.programs_per_row)
+    n2 = _programs_per_row(t, cfg.chunk_compact, rows, device, cfg.programs_per_row)
     return [
         Launch(
             "_score_hist_kernel", (h_kv, n1, b),
-            (q_sel, *q_sel.stride(), sketch, *sk_strides, tt, *tt_strides, start, end, bpr, keys, ws, t, n1, sinks, window, k),
+            (q_sel, *q_sel.stride(), sketch, *sk_strides, tt, *tt_strides, start, end, bpr, keys, ws, t, sinks, window, k),
             dict(H_KV=h_kv, GROUP=q_sel.shape[1] // h_kv, DP=dp, BLOCK_DP=max(16, _next_pow2(dp)),
                  CHUNK=cfg.chunk_score, PAGED=paged, HAS_BPR=has_bpr, num_warps=cfg.warps_score, num_stages=1),
         ),
         Launch(
             "_compact_kernel", (h_kv, n2, b),
-            (start, end, bpr, keys, ws, side, out, *out.stride(), t, n2, sinks, window, k),
+            (start, end, bpr, keys, ws, side, out, *out.stride(), t, sinks, window, k),
             dict(H_KV=h_kv, CHUNK=cfg.chunk_compact, BLOCK=cfg.block_finish, HAS_BPR=has_bpr,
                  num_warps=cfg.warps_compact, num_stages=1),
         ),
@@ -163,6 +164,14 @@ def score_select_reference(
     scores = reference.score_tokens(q_sel, dense, h_kv)
     sel = reference.select_topk(scores, start, end, sinks, window, k, budget_per_row)
     return sel.to(index_dtype)
+
+
+def _programs_per_row(length: int, chunk: int, rows: int, device, requested: int) -> int:
+    """Programs per (row, KV head): each strides over the chunks of its row, so a full row gets
+    several chunks per program and a short one leaves its programs idle after one check."""
+    chunks = max(1, -(-length // chunk))
+    wanted = requested or -(-8 * num_sms(device) // rows)
+    return max(1, min(chunks, wanted))
 
 
 def _next_pow2(n: int) -> int:
