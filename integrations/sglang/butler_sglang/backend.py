@@ -1,0 +1,353 @@
+"""The ``tokenbutler`` attention backend: SGLang's Triton backend with a budgeted decode.
+
+What it reuses and what it adds
+-------------------------------
+* Metadata, prefill/extend and the CUDA-graph state are ``TritonAttnBackend``'s own.
+* **Predictor** (:class:`ButlerState`, one per model runner): butler-zoo's ``ButlerPredictor``,
+  the same module the transformers runtime and training use. A forward hook on every producer
+  layer ``k*G`` turns the residual stream after it (``hidden_states + residual``: SGLang's Llama
+  layers defer the residual add) into that producer's queries for the decode tokens, written into
+  a preallocated buffer; the hooks are installed when the backend is built, before CUDA-graph
+  capture, and never sync with the host.
+* **Sketch cache**: one ``[slots, H_kv, d']`` buffer per served layer, indexed by KV slot like the
+  KV pool (radix-cache prefix sharing stays valid), counted in the pool sizing (see ``plugin``).
+  It is written wherever K/V are written: the pool's ``set_kv_buffer`` is wrapped, so extend
+  (prefill) and decode both write the new tokens' sketches at ``out_cache_loc``.
+* **Decode** of a served layer, per row (request): a row whose context fits in
+  ``sinks + window + budget`` attends every position through the parent's own Triton decode
+  kernel (bit-identical to the ``triton`` backend); every other row goes through
+  ``butler_kernels.sparse_decode`` (score + top-B per KV head + budgeted attention over sinks,
+  window and the selection: the kernels of ``butler_kernels``, whose semantics are
+  ``butler_kernels.reference``). Both run on the whole batch with static shapes (a row the other
+  path owns is given an empty range) and ``torch.where`` keeps each row's result, so the step is
+  CUDA-graph capturable. Layer 0 runs dense, as everywhere in butler-zoo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from butler_kernels import reference, sparse_decode
+from butler_sglang import BACKEND_NAME
+from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.layers.attention.utils import create_flashinfer_kv_indices_triton
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ButlerState", "TokenButlerAttnBackend", "create_backend", "resolve_for_runner"]
+
+_STATE_ATTR = "_tokenbutler_state"
+
+
+def resolve_for_runner(model_runner) -> Resolved:
+    """:func:`settings.resolve` plus the checks only a model runner can make."""
+    from sglang.srt.configs.model_config import AttentionArch
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    resolved = resolve(model_runner.server_args, model_runner.model_config.hf_config)
+    problems = []
+    if model_runner.model_config.attention_arch == AttentionArch.MLA:
+        problems.append("MLA models are not supported")
+    if getattr(model_runner, "is_draft_worker", False):
+        problems.append("draft workers (speculative decoding) are not supported")
+    if model_runner.sliding_window_size is not None:
+        problems.append(f"sliding-window attention (window {model_runner.sliding_window_size}) is not supported yet")
+    pool = model_runner.token_to_kv_pool
+    if type(pool) is not MHATokenToKVPool:
+        problems.append(f"KV pool {type(pool).__name__} is not supported (only MHATokenToKVPool)")
+    if problems:
+        raise TokenButlerStartupError("cannot serve with tokenbutler:\n  - " + "\n  - ".join(problems))
+    return resolved
+
+
+class ButlerState:
+    """Predictor, sketch cache, producer-query buffers and hooks of one model runner."""
+
+    def __init__(self, model_runner, resolved: Resolved):
+        from butler_zoo.families import get_family
+        from butler_zoo.predictor import ButlerPredictor
+
+        self.resolved = resolved
+        self.config = cfg = resolved.config
+        self.policy = resolved.policy
+        self.device = torch.device(model_runner.device)
+        self.dtype = model_runner.dtype
+        pool = model_runner.token_to_kv_pool
+        self.pool = pool
+        self.num_kv_heads = pool.head_num
+        self.head_dim = pool.head_dim
+        if self.num_kv_heads != cfg.num_key_value_heads or self.head_dim != cfg.head_dim:
+            raise TokenButlerStartupError(
+                f"the KV pool holds {self.num_kv_heads} KV heads of dim {self.head_dim} per layer, the predictor "
+                f"expects {cfg.num_key_value_heads} of dim {cfg.head_dim}"
+            )
+        start = getattr(model_runner, "start_layer", 0)
+        end = getattr(model_runner, "end_layer", cfg.num_hidden_layers)
+
+        predictor = ButlerPredictor.from_pretrained(resolved.predictor, local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+        self.predictor = predictor.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+
+        slots = pool.get_key_buffer(start).shape[0]
+        # Sketch of layer l (l >= 1) at slot s: predictor.project_keys of the post-RoPE key in K pool slot s.
+        self.sketch: dict[int, torch.Tensor] = {
+            layer: torch.zeros((slots, self.num_kv_heads, cfg.sketch_dim), dtype=self.dtype, device=self.device)
+            for layer in range(max(start, 1), end)
+        }
+        rows = max(int(model_runner.req_to_token_pool.size) + 1, int(getattr(model_runner.server_args, "cuda_graph_max_bs", 0) or 0), 1)
+        self.queries = [
+            torch.zeros((rows, len(cfg.served_layers(k)), cfg.num_query_heads, cfg.sketch_dim), dtype=self.dtype, device=self.device)
+            for k in range(cfg.num_producers)
+        ]
+        self.sketch_bytes = sum(t.numel() * t.element_size() for t in self.sketch.values())
+
+        layers = get_family(cfg.base_model_type).decoder_layers(model_runner.model)
+        self._handles = [
+            layers[p].register_forward_hook(self._producer_hook(k), with_kwargs=True)
+            for k, p in enumerate(cfg.producer_layers)
+            if start <= p < end
+        ]
+        self._wrap_pool(pool)
+
+    # ----- sketch ----------------------------------------------------------------------------
+    def _wrap_pool(self, pool) -> None:
+        original = pool.set_kv_buffer
+
+        def set_kv_buffer(layer, loc, cache_k, cache_v, k_scale=None, v_scale=None, layer_id_override=None):
+            original(layer, loc, cache_k, cache_v, k_scale, v_scale, layer_id_override)
+            layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+            self.write_sketch(layer_id, loc, cache_k)
+
+        set_kv_buffer.__wrapped__ = original
+        pool.set_kv_buffer = set_kv_buffer
+
+    def write_sketch(self, layer_id: int, loc: torch.Tensor, keys: torch.Tensor) -> None:
+        """Sketch of the new tokens' post-RoPE keys ``[n, H_kv(*D)]`` into their slots ``loc``."""
+        buf = self.sketch.get(layer_id)
+        if buf is None:
+            return
+        k = keys.reshape(-1, self.num_kv_heads, self.head_dim)
+        # predictor.project_keys takes the dense layout [B, H_kv, T, D]
+        sk = self.predictor.project_keys(layer_id, k.transpose(0, 1).unsqueeze(0))[0].transpose(0, 1)
+        buf[loc] = sk.to(buf.dtype)
+
+    # ----- producer queries ------------------------------------------------------------------
+    def _producer_hook(self, producer: int):
+        def hook(module, args, kwargs, output):
+            # The piecewise (prefill) CUDA graph traces the model with torch.compile: producers only
+            # matter at decode, so the traced extend graph never contains them.
+            if torch.compiler.is_compiling():
+                return None
+            fb = args[2] if len(args) > 2 else kwargs.get("forward_batch")
+            if fb is None or not fb.forward_mode.is_decode():
+                return None
+            if isinstance(output, tuple):
+                hidden, residual = output[0], output[1] if len(output) > 1 else None
+            else:
+                hidden, residual = output, None
+            stream = hidden if residual is None else hidden + residual  # residual stream after the layer
+            n = stream.shape[0]
+            buf = self.queries[producer]
+            if n > buf.shape[0]:  # eager batches only: CUDA-graph batches fit the preallocated rows
+                buf = self.queries[producer] = torch.zeros((n, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+            buf[:n].copy_(self.predictor.producer_queries(producer, stream))
+            return None
+
+        return hook
+
+    def serves(self, layer_id: int) -> bool:
+        return layer_id in self.sketch
+
+    def layer_queries(self, layer_id: int, bs: int) -> torch.Tensor:
+        producer, _ = self.config.producer_of(layer_id)
+        return self.predictor.layer_queries(layer_id, self.queries[producer][:bs])
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        wrapped = getattr(self.pool.set_kv_buffer, "__wrapped__", None)
+        if wrapped is not None:
+            self.pool.set_kv_buffer = wrapped
+
+
+@dataclass
+class _StepMeta:
+    """Per decode step, shared by every served layer."""
+
+    start: torch.Tensor  # [bs] zeros
+    end: torch.Tensor  # [bs] context length (int32)
+    sparse_end: torch.Tensor  # end, or 0 for rows that go dense
+    dense_row: torch.Tensor  # [bs] bool
+    budget_per_row: torch.Tensor | None  # [bs] for a fractional budget
+    token_table: torch.Tensor  # [bs, T] slots of each position
+    dense_metadata: object  # ForwardMetadata of the dense rows only
+
+
+@dataclass
+class _GraphBuffers:
+    start: torch.Tensor
+    end: torch.Tensor
+    sparse_end: torch.Tensor
+    dense_lens: torch.Tensor
+    dense_row: torch.Tensor
+    budget_per_row: torch.Tensor
+    token_table: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    num_kv_splits: torch.Tensor
+
+
+class TokenButlerAttnBackend(TritonAttnBackend):
+    """``TritonAttnBackend`` whose decode of served layers is budgeted (see the module docstring)."""
+
+    def __init__(self, model_runner, state: ButlerState):
+        super().__init__(model_runner)
+        self.state = state
+        policy = state.policy
+        self.sinks, self.window = policy.sinks, policy.window
+        self.fraction = policy.budget if isinstance(policy.budget, float) else None
+        self.table_len = int(self.req_to_token.shape[1])
+        self.budget = state.resolved.static_budget(self.table_len)
+        # The longest context a dense row can have: the dense rows' index buffer holds this many per row.
+        self.dense_cap = min(self.table_len, self.sinks + self.window + self.budget)
+        self._step: _StepMeta | None = None
+        self._graph: _GraphBuffers | None = None
+
+    # ----- per-step metadata -------------------------------------------------------------------
+    def _alloc(self, rows: int) -> _GraphBuffers:
+        dev = self.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        return _GraphBuffers(
+            start=torch.zeros(rows, **i32),
+            end=torch.ones(rows, **i32),
+            sparse_end=torch.zeros(rows, **i32),
+            dense_lens=torch.ones(rows, **i32),
+            dense_row=torch.ones(rows, dtype=torch.bool, device=dev),
+            budget_per_row=torch.zeros(rows, dtype=torch.int64, device=dev),
+            token_table=torch.zeros((rows, self.table_len), **i32),
+            kv_indptr=torch.zeros(rows + 1, **i32),
+            kv_indices=torch.zeros(max(rows * self.dense_cap, 1), dtype=torch.int64, device=dev),
+            num_kv_splits=torch.full((rows,), self.max_kv_splits, **i32),
+        )
+
+    def _build_step(self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, buf: _GraphBuffers) -> _StepMeta:
+        """Fill ``buf[:bs]`` in place from the batch (device ops only: CUDA-graph replay safe)."""
+        start, end = buf.start[:bs], buf.end[:bs]
+        end.copy_(seq_lens[:bs])
+        if self.fraction is not None:
+            bpr = buf.budget_per_row[:bs]
+            bpr.copy_(reference.budget_for_rows(self.fraction, start, end, self.budget))
+            limit = bpr
+        else:
+            bpr, limit = None, self.budget
+        dense_row = buf.dense_row[:bs]
+        # The dense fallback of reference.select_topk, decided per row: a context that fits in
+        # sinks + window + budget would select every position anyway.
+        torch.le(end, self.sinks + self.window + limit, out=dense_row)
+        zero = torch.zeros((), dtype=end.dtype, device=end.device)
+        buf.sparse_end[:bs].copy_(torch.where(dense_row, zero, end))
+        dense_lens = buf.dense_lens[:bs]
+        dense_lens.copy_(torch.where(dense_row, end, zero))
+        kv_indptr = buf.kv_indptr[: bs + 1]
+        kv_indptr[1:].copy_(torch.cumsum(dense_lens, dim=0))
+        create_flashinfer_kv_indices_triton[(bs,)](
+            self.req_to_token,
+            req_pool_indices[:bs],
+            dense_lens,
+            kv_indptr,
+            None,
+            buf.kv_indices,
+            self.req_to_token.stride(0),
+        )
+        num_kv_splits = buf.num_kv_splits[:bs]
+        self.get_num_kv_splits(num_kv_splits, dense_lens)
+        torch.index_select(self.req_to_token, 0, req_pool_indices[:bs], out=buf.token_table[:bs])
+        dense_md = dataclasses.replace(self.forward_metadata, kv_indptr=kv_indptr, kv_indices=buf.kv_indices, num_kv_splits=num_kv_splits)
+        return _StepMeta(start, end, buf.sparse_end[:bs], dense_row, bpr, buf.token_table[:bs], dense_md)
+
+    @staticmethod
+    def _is_plain_decode(forward_mode, spec_info) -> bool:
+        return forward_mode.is_decode() and spec_info is None
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        self._step = None
+        bs = forward_batch.batch_size
+        if self._is_plain_decode(forward_batch.forward_mode, forward_batch.spec_info) and bs > 0:
+            self._step = self._build_step(bs, forward_batch.req_pool_indices, forward_batch.seq_lens, self._alloc(bs))
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs):
+        super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self._graph = self._alloc(max(max_bs, max_num_tokens))
+
+    def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info):
+        super().init_forward_metadata_capture_cuda_graph(bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info)
+        self._step = None
+        if self._is_plain_decode(forward_mode, spec_info):
+            self._step = self._build_step(bs, req_pool_indices, seq_lens, self._graph)
+
+    def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu):
+        super().init_forward_metadata_replay_cuda_graph(
+            bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu
+        )
+        if self._is_plain_decode(forward_mode, spec_info):
+            # Rewrites the captured buffers in place; the graph reads them.
+            self._build_step(bs, req_pool_indices, seq_lens, self._graph)
+
+    # ----- decode ----------------------------------------------------------------------------
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
+        step = self._step
+        if step is None or sinks is not None or not self.state.serves(layer.layer_id):
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
+        # 1. K/V (and, through the pool, the sketch) are written by the parent, which also attends the
+        #    rows that go dense with its own kernel, over the dense rows' index list.
+        full = self.forward_metadata
+        self.forward_metadata = step.dense_metadata
+        try:
+            o_dense = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
+        finally:
+            self.forward_metadata = full
+        # 2. The other rows: score + top-B per KV head + attention over sinks, window and the selection.
+        bs = step.end.shape[0]
+        qh = q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim)
+        pool = forward_batch.token_to_kv_pool
+        o_sparse, _ = sparse_decode(
+            qh,
+            pool.get_key_buffer(layer.layer_id),
+            pool.get_value_buffer(layer.layer_id),
+            self.state.layer_queries(layer.layer_id, bs),
+            self.state.sketch[layer.layer_id],
+            step.start,
+            step.sparse_end,
+            sinks=self.sinks,
+            window=self.window,
+            budget=self.budget,
+            scale=layer.scaling,
+            token_table=step.token_table,
+            budget_per_row=step.budget_per_row,
+        )
+        return torch.where(step.dense_row[:, None], o_dense.view(bs, -1), o_sparse.reshape(bs, -1))
+
+
+def create_backend(model_runner) -> TokenButlerAttnBackend:
+    """Factory registered as attention backend ``tokenbutler`` (runs in each scheduler process)."""
+    state = getattr(model_runner, _STATE_ATTR, None)
+    if state is None:
+        resolved = resolve_for_runner(model_runner)
+        for note in resolved.notes:
+            logger.warning("TokenButler: %s", note)
+        state = ButlerState(model_runner, resolved)
+        setattr(model_runner, _STATE_ATTR, state)
+        backend = TokenButlerAttnBackend(model_runner, state)
+        logger.info(
+            "%s; sketch cache %.2f GB over %d layers (%s backend)",
+            describe(resolved, backend.table_len), state.sketch_bytes / 2**30, len(state.sketch), BACKEND_NAME,
+        )
+        return backend
+    return TokenButlerAttnBackend(model_runner, state)
