@@ -1,0 +1,8 @@
+"""TEST-ONLY STAND-IN (see tests/sglang_stubs/README.md)."""
+from torchvision import _unavailable
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _unavailable(f"transforms.v2.functional.{name}")

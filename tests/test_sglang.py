@@ -1,0 +1,392 @@
+"""The SGLang plugin on CPU: registration, launch flags, and one decode step of the backend.
+
+SGLang 0.5.12 pins transformers 5.6.0 and huggingface_hub < 2, older than the project's own, so it is
+installed ``--no-deps`` into a separate ``--target`` folder (``.ci/sglang_deps.sh``, default
+``.venv/sglang-site``, or ``$BUTLER_SGLANG_SITE``) and every check runs in a subprocess with that
+folder first on ``PYTHONPATH`` (what ``pip install --target /tmp/site`` + ``PYTHONPATH`` does on the
+GPU machine). ``tests/sglang_stubs`` (a labelled, test-only torchvision stand-in: no CPU build of
+torchvision exists on the registry) is added when no real torchvision is importable. Triton runs in
+interpreter mode (``TRITON_INTERPRET=1``), SGLang's own decode kernel included.
+
+The checks themselves live at the bottom of this file and run as ``python tests/test_sglang.py NAME``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STUBS = Path(__file__).resolve().parent / "sglang_stubs"
+SITE = Path(os.environ.get("BUTLER_SGLANG_SITE", REPO / ".venv" / "sglang-site"))
+
+pytestmark = pytest.mark.sglang
+
+
+def _sglang_pythonpath() -> str | None:
+    """PYTHONPATH for the subprocesses, or None when SGLang is not installed."""
+    parts = []
+    if (SITE / "sglang" / "__init__.py").is_file():
+        parts.append(str(SITE))
+    elif importlib.util.find_spec("sglang") is None:
+        return None
+    if importlib.util.find_spec("torchvision") is None:
+        parts.append(str(STUBS))  # test-only stand-in, see tests/sglang_stubs/README.md
+    # The project itself comes from its installation (`pip install -e .`), which also registers the
+    # entry point; the repo root must not be on the path (a stale butler_zoo.egg-info there would
+    # shadow the installed metadata and hide the entry point).
+    if os.environ.get("PYTHONPATH"):
+        parts.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(parts)
+
+
+PYTHONPATH = _sglang_pythonpath()
+requires_sglang = pytest.mark.skipif(
+    PYTHONPATH is None,
+    reason=f"sglang is not installed (neither in {SITE} nor importable): run `bash .ci/sglang_deps.sh`",
+)
+
+
+def _run(args: list[str], *, timeout: int = 300, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=PYTHONPATH or "",
+        TRITON_INTERPRET="1",
+        BUTLER_KERNELS_IMPL="triton",  # the Triton kernels themselves (interpreted), not the CPU reference
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONWARNINGS="ignore",
+        SGLANG_PLUGINS="tokenbutler",
+    )
+    for var in ("TOKENBUTLER_PREDICTOR", "TOKENBUTLER_BUDGET", "TOKENBUTLER_SINKS", "TOKENBUTLER_WINDOW", "TOKENBUTLER_MAX_BUDGET"):
+        env.pop(var, None)
+    env.update(extra_env or {})
+    # cwd outside the checkout: a stale butler_zoo.egg-info in the repo root would hide the entry point
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _inner(name: str, tmp_path: Path) -> dict:
+    proc = _run([str(Path(__file__).resolve()), name, str(tmp_path)])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"`{name}` failed (rc {proc.returncode}):\n{out[-6000:]}"
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert lines, out[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@requires_sglang
+def test_launch_server_help_lists_backend_and_flags():
+    proc = _run(["-m", "sglang.launch_server", "--help"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    text = proc.stdout
+    for choice in ("--attention-backend", "--decode-attention-backend"):
+        line = next(l for l in text.splitlines() if l.strip().startswith(choice + " {"))
+        assert "tokenbutler" in line, line
+    for flag in ("--tokenbutler-predictor", "--tokenbutler-budget", "--tokenbutler-sinks", "--tokenbutler-window",
+                 "--tokenbutler-max-budget"):
+        assert flag in text
+    assert "TokenButler sparse decoding (butler-zoo plugin)" in text
+
+
+@requires_sglang
+def test_flags_reach_scheduler_server_args_and_startup_checks(tmp_path):
+    r = _inner("flags", tmp_path)
+    # values on the ServerArgs after a pickle round trip (how the scheduler process receives them)
+    assert r["values"] == {"predictor": r["predictor"], "budget": 0.1, "sinks": 8, "window": 32, "max_budget": None}
+    assert r["backends"] == ["triton", None, "tokenbutler"]  # prefill falls back to triton
+    assert r["policy"] == {"sinks": 8, "window": 32, "budget": 0.1, "prediction_interval": 1}
+    assert r["env_values"]["budget"] == 256 and r["env_values"]["predictor"] == r["predictor"]
+    assert "tokenbutler" in r["registered"]
+    assert r["cell_size_extra"] == r["cell_size_expected"] > 0
+    errors = r["errors"]
+    assert "fraction" in errors["bad_budget"] or "(0, 1]" in errors["bad_budget"]
+    assert "does not fit the served model" in errors["mismatch"] and "num_hidden_layers" in errors["mismatch"]
+    assert "tokenbutler backend is not selected" in errors["flags_without_backend"]
+    assert "--page-size 16" in errors["page_size"]
+    assert "no predictor" in errors["no_predictor"]
+    assert "supports SGLang 0.5.12" in errors["old_sglang"]
+    assert r["old_sglang_without_flag"] == "no exit"
+
+
+@requires_sglang
+def test_decode_step_against_sglang_dense_and_torch_reference(tmp_path):
+    r = _inner("decode", tmp_path)
+    for case in r["cases"]:
+        # rows that fit sinks + window + budget: bit-identical to SGLang's own Triton decode
+        for row in case["dense_rows"]:
+            assert case["max_abs_vs_sglang_dense"][row] == 0.0, case
+        # the other rows: the project's torch reference (score, top-B per KV head, budgeted attention)
+        for row in case["sparse_rows"]:
+            assert case["max_abs_vs_reference"][row] < 2e-5, case
+    by_budget = {c["budget"]: c for c in r["cases"]}
+    assert by_budget["1.0"]["sparse_rows"] == [] and len(by_budget["1.0"]["dense_rows"]) == 3  # budget covers the context
+    assert by_budget["16"]["dense_rows"] == [0] and by_budget["16"]["sparse_rows"] == [1, 2]  # row by row
+    assert by_budget["0.1"]["sparse_rows"] == [0, 1, 2]
+    assert r["sketch_written_in_extend"] and r["sketch_written_in_decode"] and r["producer_queries_ok"]
+    assert r["graph_replay_equals_eager"]
+
+
+# =====================================================================================================
+# The checks, run in a subprocess with SGLang on the path: python tests/test_sglang.py NAME TMPDIR
+# =====================================================================================================
+L, HQ, HKV, D, E = 3, 4, 2, 16, 64
+
+
+def _make_model_and_predictor(tmp: Path, layers: int = L, name: str = "pred"):
+    import torch
+    from transformers import LlamaConfig
+
+    from butler_zoo import ButlerConfig, ButlerPredictor
+
+    model_dir = tmp / "model"
+    if not (model_dir / "config.json").is_file():
+        cfg = LlamaConfig(hidden_size=E, intermediate_size=128, num_hidden_layers=L, num_attention_heads=HQ,
+                          num_key_value_heads=HKV, head_dim=D, vocab_size=256, max_position_embeddings=512)
+        cfg.architectures = ["LlamaForCausalLM"]
+        cfg.save_pretrained(model_dir)
+    bc = ButlerConfig(base_model="tiny-llama", base_model_type="llama", num_hidden_layers=layers, hidden_size=E,
+                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, producer_stride=2, sketch_dim=8, mlp_dim=32)
+    torch.manual_seed(0)
+    ButlerPredictor(bc).save_pretrained(tmp / name)
+    return model_dir, tmp / name
+
+
+def _server_args(model_dir, *extra):
+    from sglang.srt.server_args import prepare_server_args
+
+    return prepare_server_args(["--model-path", str(model_dir), "--skip-tokenizer-init", "--device", "cpu", *extra])
+
+
+def _error_of(fn) -> str:
+    try:
+        fn()
+    except SystemExit as e:
+        return str(e.code)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "no exit"
+
+
+def _check_flags(tmp: Path) -> dict:
+    import contextlib
+    import io
+    import pickle
+
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    from butler_sglang import plugin, settings
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+
+    model_dir, pred = _make_model_and_predictor(tmp)
+    _, wrong = _make_model_and_predictor(tmp, layers=5, name="pred-5-layers")
+    tb = ["--decode-attention-backend", "tokenbutler", "--tokenbutler-predictor", str(pred)]
+    sa = _server_args(model_dir, *tb, "--tokenbutler-budget", "10%", "--tokenbutler-sinks", "8", "--tokenbutler-window", "32")
+    sa = pickle.loads(pickle.dumps(sa))  # as the scheduler process receives it
+    resolved = settings.validate_server_args(sa)
+    sa.check_server_args()  # the launcher-side hook passes
+
+    # sgl.Engine(**kwargs) path: no command line, environment variables instead
+    from sglang.srt.server_args import ServerArgs
+
+    os.environ.update(TOKENBUTLER_PREDICTOR=str(pred), TOKENBUTLER_BUDGET="256")
+    env_sa = ServerArgs(model_path=str(model_dir), skip_tokenizer_init=True, device="cpu",
+                        attention_backend="triton", decode_attention_backend="tokenbutler")
+    env_values = settings.requested_values(env_sa)
+    env_resolved = settings.validate_server_args(env_sa)
+    for v in ("TOKENBUTLER_PREDICTOR", "TOKENBUTLER_BUDGET"):
+        os.environ.pop(v)
+
+    # the KV pool sizing counts the sketch: d' * H_kv * (layers 1..L-1) * 2 bytes (bf16)
+    import torch
+    from types import SimpleNamespace
+
+    mr = SimpleNamespace(server_args=sa, model_config=sa.get_model_config(), kv_cache_dtype=torch.bfloat16, dtype=torch.bfloat16,
+                         use_mla_backend=False, start_layer=0)
+    import sglang.srt.model_executor.pool_configurator as pc
+
+    pc.get_attention_tp_size = lambda: 1
+    import sglang.srt.layers.dp_attention as dpa
+
+    dpa.get_attention_tp_size = lambda: 1
+    cfgr = DefaultPoolConfigurator.__new__(DefaultPoolConfigurator)
+    with_sketch = cfgr._compute_cell_size(mr, L)
+    dense_sa = _server_args(model_dir, "--attention-backend", "triton")
+    without = cfgr._compute_cell_size(SimpleNamespace(**{**vars(mr), "server_args": dense_sa}), L)
+
+    errors = {}
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        errors["bad_budget"] = _error_of(lambda: _server_args(model_dir, *tb, "--tokenbutler-budget", "1.5"))
+    errors["bad_budget"] += err.getvalue()
+    errors["mismatch"] = _error_of(
+        lambda: _server_args(model_dir, "--decode-attention-backend", "tokenbutler", "--tokenbutler-predictor", str(wrong)).check_server_args()
+    )
+    errors["flags_without_backend"] = _error_of(
+        lambda: _server_args(model_dir, "--attention-backend", "triton", "--tokenbutler-predictor", str(pred)).check_server_args()
+    )
+    errors["page_size"] = _error_of(lambda: _server_args(model_dir, *tb, "--page-size", "16").check_server_args())
+    errors["no_predictor"] = _error_of(lambda: _server_args(model_dir, "--decode-attention-backend", "tokenbutler").check_server_args())
+
+    # an unsupported SGLang release: SystemExit only when the backend is asked for
+    plugin._registered = False
+    real = settings.sglang_version
+    settings.sglang_version = lambda: "0.5.23"
+    argv = sys.argv
+    try:
+        sys.argv = ["launch_server", "--decode-attention-backend", "tokenbutler"]
+        errors["old_sglang"] = _error_of(plugin.register)
+        sys.argv = ["launch_server", "--attention-backend", "triton"]
+        old_without = _error_of(plugin.register)
+    finally:
+        sys.argv, settings.sglang_version = argv, real
+        plugin._registered = True
+    return {
+        "predictor": str(pred),
+        "values": getattr(sa, settings.SERVER_ARGS_ATTR),
+        "backends": [sa.attention_backend, sa.prefill_attention_backend, sa.decode_attention_backend],
+        "policy": resolved.policy.to_dict(),
+        "env_values": env_values,
+        "env_policy": env_resolved.policy.to_dict(),
+        "registered": sorted(k for k in ATTENTION_BACKENDS if k == "tokenbutler"),
+        "cell_size_extra": with_sketch - without,
+        "cell_size_expected": (L - 1) * HKV * 8 * 2,
+        "errors": errors,
+        "old_sglang_without_flag": old_without,
+    }
+
+
+def _fake_runner(sa, dtype, layers):
+    """The attributes of ModelRunner that TritonAttnBackend and the plugin read, around SGLang's own
+    ReqToTokenPool and MHATokenToKVPool."""
+    import types
+
+    import torch
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+    r2t = ReqToTokenPool(size=4, max_context_len=160, device="cpu", enable_memory_saver=False)
+    pool = MHATokenToKVPool(600, page_size=1, dtype=dtype, head_num=HKV, head_dim=D, layer_num=L, device="cpu",
+                            enable_memory_saver=False)
+    model = types.SimpleNamespace(model=types.SimpleNamespace(layers=torch.nn.ModuleList(layers)))
+    return types.SimpleNamespace(
+        server_args=sa, model_config=sa.get_model_config(), req_to_token_pool=r2t, token_to_kv_pool=pool,
+        token_to_kv_pool_allocator=None, sliding_window_size=None, hybrid_gdn_config=None, kimi_linear_config=None,
+        linear_attn_model_spec=None, device="cpu", gpu_id=0, dtype=dtype, model=model, is_draft_worker=False,
+        start_layer=0, end_layer=L,
+    )
+
+
+def _check_decode(tmp: Path) -> dict:
+    import types
+
+    import torch
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    import sglang.srt.layers.attention.triton_backend as tb
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from butler_kernels import reference as ref
+    from butler_sglang import backend as bb
+
+    tb.get_attention_tp_size = lambda: 1  # no distributed init on CPU: attention TP size 1
+    model_dir, pred = _make_model_and_predictor(tmp)
+    dtype = torch.float32  # the Triton interpreter's bf16 dots are not exact
+
+    class DecoderLayer(torch.nn.Module):  # returns (hidden_states, residual) like SGLang's Llama layers
+        def forward(self, positions, hidden, forward_batch, residual):
+            return hidden * 2, hidden + 1
+
+    result = {"cases": []}
+    for budget in ("16", "0.1", "1.0"):
+        torch.manual_seed(1)
+        sa = _server_args(model_dir, "--decode-attention-backend", "tokenbutler", "--tokenbutler-predictor", str(pred),
+                          "--tokenbutler-budget", budget, "--tokenbutler-sinks", "4", "--tokenbutler-window", "8")
+        mr = _fake_runner(sa, dtype, [DecoderLayer() for _ in range(L)])
+        backend = bb.create_backend(mr)
+        dense = tb.TritonAttnBackend(mr)
+        state = mr._tokenbutler_state
+        pool, r2t = mr.token_to_kv_pool, mr.req_to_token_pool
+        lens = torch.tensor([20, 90, 130])
+        bs, rpi = 3, torch.tensor([1, 2, 3])
+        perm = torch.randperm(590) + 1  # scattered slots: the paged layout, slot 0 unused
+        off = 0
+        for i, n in enumerate(lens.tolist()):
+            r2t.req_to_token[rpi[i], :n] = perm[off: off + n].to(torch.int32)
+            off += n
+        radix = [RadixAttention(HQ, D, D ** -0.5, num_kv_heads=HKV, layer_id=l) for l in range(L)]
+        # "prefill": K/V of all positions but the last, through the pool (which writes the sketch)
+        for l in range(L):
+            for i, n in enumerate(lens.tolist()):
+                loc = r2t.req_to_token[rpi[i], : n - 1].long()
+                pool.set_kv_buffer(radix[l], loc, torch.randn(n - 1, HKV, D, dtype=dtype), torch.randn(n - 1, HKV, D, dtype=dtype))
+        loc = r2t.req_to_token[rpi[2], :100].long()
+        want = state.predictor.project_keys(1, pool.get_key_buffer(1)[loc].transpose(0, 1)[None])[0].transpose(0, 1)
+        result["sketch_written_in_extend"] = bool(torch.allclose(state.sketch[1][loc], want, atol=1e-6))
+
+        out_loc = torch.stack([r2t.req_to_token[rpi[i], n - 1] for i, n in enumerate(lens.tolist())]).long()
+        fb = types.SimpleNamespace(batch_size=bs, forward_mode=ForwardMode.DECODE, spec_info=None, seq_lens=lens.clone(),
+                                   seq_lens_sum=int(lens.sum()), seq_lens_cpu=lens.clone(), req_pool_indices=rpi,
+                                   out_cache_loc=out_loc, token_to_kv_pool=pool)
+        # producer 0 reads the residual stream after layer 0: hidden_states + residual
+        h = torch.randn(bs, E, dtype=dtype)
+        mr.model.model.layers[0](None, h, fb, None)
+        expect_q = state.predictor.producer_queries(0, h * 2 + (h + 1))
+        result["producer_queries_ok"] = bool(torch.allclose(state.queries[0][:bs], expect_q, atol=1e-5))
+
+        backend.init_forward_metadata(fb)
+        dense.init_forward_metadata(fb)
+        case = {"budget": budget, "dense_rows": [], "sparse_rows": [], "max_abs_vs_sglang_dense": [], "max_abs_vs_reference": []}
+        end = lens.to(torch.int32)
+        start = torch.zeros_like(end)
+        table = r2t.req_to_token[rpi]
+        policy = state.policy
+        bpr = ref.budget_for_rows(policy.budget, start, end, backend.budget)
+        limit = bpr if bpr is not None else torch.full_like(end, backend.budget)
+        dense_rows = (end <= policy.sinks + policy.window + limit).tolist()
+        case["dense_rows"] = [i for i in range(bs) if dense_rows[i]]
+        case["sparse_rows"] = [i for i in range(bs) if not dense_rows[i]]
+        saved = {}
+        for l in (1, 2):
+            q = torch.randn(bs, HQ * D, dtype=dtype)
+            kn, vn = torch.randn(bs, HKV, D, dtype=dtype), torch.randn(bs, HKV, D, dtype=dtype)
+            out = backend.forward_decode(q, kn, vn, radix[l], fb)
+            out_dense = dense.forward_decode(q, kn, vn, radix[l], fb)
+            saved[l] = (q, kn, vn, out)
+            # the project's torch reference, from the same predictor queries and sketch cache
+            q_sel = state.predictor.layer_queries(l, state.queries[0][:bs])
+            scores = ref.score_tokens(q_sel, ref.gather_positions(state.sketch[l], table), HKV)
+            sel = ref.select_topk(scores, start, end, policy.sinks, policy.window, backend.budget, bpr)
+            out_ref = ref.budgeted_attention(q.view(bs, HQ, D), pool.get_key_buffer(l), pool.get_value_buffer(l), sel,
+                                             start, end, policy.sinks, policy.window, D ** -0.5, table).reshape(bs, -1)
+            for key, other in (("max_abs_vs_sglang_dense", out_dense), ("max_abs_vs_reference", out_ref)):
+                diffs = (out - other).abs().amax(dim=-1).tolist()
+                case[key] = [max(a, b) for a, b in zip(case[key] or [0.0] * bs, diffs)]
+        new = state.predictor.project_keys(2, saved[2][1].transpose(0, 1)[None])[0].transpose(0, 1)
+        result["sketch_written_in_decode"] = bool(torch.allclose(state.sketch[2][out_loc], new, atol=1e-6))
+
+        # the CUDA-graph path: static buffers filled at capture (dummy lengths), rewritten at replay
+        backend.init_cuda_graph_state(4, 4)
+        backend.init_forward_metadata_capture_cuda_graph(bs, bs, rpi, torch.ones(bs, dtype=torch.int32), None, ForwardMode.DECODE, None)
+        backend.init_forward_metadata_replay_cuda_graph(bs, rpi, lens.to(torch.int32), int(lens.sum()), None, ForwardMode.DECODE, None, lens)
+        q, kn, vn, out = saved[2]
+        replayed = backend.forward_decode(q, kn, vn, radix[2], fb)
+        result["graph_replay_equals_eager"] = result.get("graph_replay_equals_eager", True) and bool(torch.equal(replayed, out))
+        result["cases"].append(case)
+        state.remove()
+    return result
+
+
+if __name__ == "__main__":
+    name, tmp = sys.argv[1], Path(sys.argv[2])
+    checks = {"flags": _check_flags, "decode": _check_decode}
+    print("RESULT " + json.dumps(checks[name](tmp)), flush=True)
