@@ -1,6 +1,6 @@
 """Model cards and the zoo index.
 
-Every card is rendered from one template (``model_cards/template.md``) through
+Every card is rendered from one template (``butler_zoo/templates/model_card.md``) through
 ``huggingface_hub.ModelCard.from_template`` with ``ModelCardData`` metadata (``base_model``,
 ``library_name``, ``license`` of the base, ``tags``, ``datasets``, ``pipeline_tag`` and a
 ``model-index`` built with ``EvalResult``). Numbers come only from the files a predictor folder
@@ -46,7 +46,7 @@ __all__ = [
     "results_rows",
 ]
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 LIBRARY_NAME = "butler-zoo"
 BASE_TAGS = ["tokenbutler", "sparse-attention", "kv-cache", "butler-zoo"]
 RECIPE_ONLY_LINE = (
@@ -443,12 +443,12 @@ def card_data(inputs: CardInputs) -> ModelCardData:
 
 
 def build_card(inputs: CardInputs, template_path: str | Path | None = None) -> ModelCard:
-    """Render the card of ``inputs`` from the template (``model_cards/template.md`` by default)."""
+    """Render the card of ``inputs`` from the template (``butler_zoo/templates/model_card.md`` by default)."""
     template_path = Path(template_path) if template_path else TEMPLATE_PATH
     if not template_path.is_file():
         raise ButlerError(
             f"model card template not found at {template_path}; it ships with the butler-zoo source tree "
-            "(model_cards/template.md): run from a checkout or pass template_path=/--template"
+            "(butler_zoo/templates/model_card.md): reinstall butler-zoo or pass template_path=/--template"
         )
     card = ModelCard.from_template(card_data(inputs), template_path=str(template_path), **_template_kwargs(inputs))
     text = re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n"
@@ -601,7 +601,7 @@ def generate_cards(out_dir: str | Path, search_dirs: list[str | Path] = (), temp
     index = out_dir / "README.md"
     index.write_text(
         "# The butler-zoo model cards\n\n"
-        "One card per training recipe, generated from [template.md](template.md) by `butler-zoo card --all --out-dir "
+        "One card per training recipe, generated from [the template](../butler_zoo/templates/model_card.md) by `butler-zoo card --all --out-dir "
         "model_cards` (do not edit the cards by hand: regenerate them). A card's numbers come only from its "
         "predictor's `eval.json` and `training_log.json`; recipes without trained weights say so in their first line.\n\n"
         + zoo_markdown_table(zoo_index(search_dirs), cards_link="") + "\n"

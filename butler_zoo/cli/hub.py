@@ -96,7 +96,7 @@ def list_cmd(search_dirs, markdown, as_json):
 @click.option("--repo-id", default=None, help="For a folder: the repo id the card names (default: its recipe's).")
 @click.option("--recipe", default=None, help="For a folder: its recipe (default: matched by repo id / base model).")
 @click.option("--template", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Template to render (default: model_cards/template.md).")
+              help="Template to render (default: butler_zoo/templates/model_card.md).")
 @_SEARCH
 def card_cmd(target, all_recipes, out, out_dir, check, repo_id, recipe, template, search_dirs):
     """Generate a model card from a recipe name or a trained predictor folder.
