@@ -213,7 +213,7 @@ def bench(fn, copies: int) -> float:
         fn(state["i"] % copies)
         state["i"] += 1
 
-    return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
 def bench_graph(fn, copies: int) -> float:
@@ -230,7 +230,7 @@ def bench_graph(fn, copies: int) -> float:
     with torch.cuda.graph(graph):
         for i in range(copies):
             fn(i)
-    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / copies
+    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / copies
     del graph
     return ms
 
