@@ -331,7 +331,7 @@ def smollm2_prompts(tokenizer) -> list[str]:
     ]
     prompts = []
     for i, q in enumerate(QUESTIONS * 2):
-        reps = 4 + 6 * i  # contexts from ~150 to ~1500 tokens
+        reps = 4 + 6 * i  # contexts from ~220 to ~1930 tokens (SmolLM2 tokenizer, chat template)
         body = PASSAGE + "".join(filler[(i + k) % 3] for k in range(reps))
         msgs = [{"role": "user", "content": body + "\n\nQuestion: " + q}]
         prompts.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
