@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "butler_zoo.cli.info",
     "butler_zoo.cli.hub",
     "butler_zoo.cli.export",
+    "butler_zoo.cli.train",
 ]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
