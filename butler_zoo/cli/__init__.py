@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "butler_zoo.cli.hub",
     "butler_zoo.cli.export",
     "butler_zoo.cli.train",
+    "butler_zoo.cli.evaluate",
 ]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
