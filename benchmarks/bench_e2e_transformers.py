@@ -52,7 +52,8 @@ def decode_rate(model, batch: int, context: int, steps: int, warmup: int, compil
 
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(1000, model.config.vocab_size - 1000, (batch, context), generator=g).to(device)
+    lo = min(1000, model.config.vocab_size // 4)
+    ids = torch.randint(lo, model.config.vocab_size - lo, (batch, context), generator=g).to(device)
     cache_len = context + warmup + steps + 8
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
