@@ -44,7 +44,7 @@ def _recording(method):
 @pytest.mark.parametrize("interval,query_heads", [(1, "kv"), (1, "query"), (4, "kv")])
 def test_simulated_selection_equals_runtime(interval, query_heads):
     """What the eval's TokenButler attends at row i is what `generate` attends at that decode step."""
-    model, pred = _setup(dtype=torch.float64, query_heads=query_heads)
+    model, pred = _setup(query_heads=query_heads)
     S, W, B = 2, 4, 6
     P, N = 20, 30
     prompt = torch.randint(2, 80, (2, P), generator=torch.Generator().manual_seed(0))

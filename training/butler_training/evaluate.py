@@ -270,7 +270,7 @@ class EvalConfig:
     windows: int = 32
     batch_size: int = 4
     sinks: int = 4
-    window: int = 32
+    window: int = 8
     methods: list[str] = dataclasses.field(default_factory=lambda: list(ALL_METHODS))
     intervals: list[int] = dataclasses.field(default_factory=lambda: [1, 4, 16])
     fractions: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])

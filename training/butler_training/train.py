@@ -68,6 +68,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     rows: int = 256
     tail_fraction: float = 0.5
+    shift_windows: bool = True
     producer_stride: int | None = None
     sketch_dim: int | None = None
     mlp_dim: int | None = None
@@ -83,6 +84,7 @@ class TrainConfig:
     keep_checkpoint: bool = False
     val_windows: int = 16
     plot: bool = True
+    save_dtype: str = "float32"
     progress: bool = True
     commit: str | None = None
     command: str | None = None
@@ -253,20 +255,29 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
             state.update({k: ck[k] for k in state})
             print(f"resumed from {ckpt_dir} at step {state['step']}/{total_steps}", file=sys.stderr)
 
-    def order(epoch: int) -> torch.Tensor:
-        return torch.randperm(n_windows, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+    stream = train_windows.reshape(-1)
 
-    perm = order(state["epoch"])
+    def epoch_data(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's windows and their order. After the first epoch the cuts move by a random offset
+        (the windows are consecutive cuts of one token stream), so later epochs see new contexts."""
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        windows = train_windows
+        if cfg.shift_windows and epoch > 0 and n_windows > 1:
+            off = int(torch.randint(1, seq_len, (1,), generator=g))
+            windows = stream[off : off + (n_windows - 1) * seq_len].view(n_windows - 1, seq_len)
+        return windows, torch.randperm(windows.shape[0], generator=g)
+
+    ep_windows, perm = epoch_data(state["epoch"])
 
     def next_batch() -> torch.Tensor:
-        nonlocal perm
-        if state["pos"] + cfg.batch_size > n_windows:
+        nonlocal ep_windows, perm
+        if state["pos"] + cfg.batch_size > perm.numel():
             state["epoch"] += 1
             state["pos"] = 0
-            perm = order(state["epoch"])
+            ep_windows, perm = epoch_data(state["epoch"])
         idx = perm[state["pos"] : state["pos"] + cfg.batch_size]
         state["pos"] += cfg.batch_size
-        batch = train_windows.index_select(0, idx)
+        batch = ep_windows.index_select(0, idx)
         if device.type == "cuda":
             batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
@@ -399,9 +410,10 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
         "date": utc_now(),
         "machine": log["machine"],
         "train_time_s": round(state["train_time"], 1),
+        "weights_dtype": cfg.save_dtype,
     }
     predictor.config = bcfg
-    predictor.to("cpu").save_pretrained(out)
+    predictor.to(device="cpu", dtype=DTYPES[cfg.save_dtype]).save_pretrained(out)
     write_log(final=True)
     if cfg.plot:
         from butler_training.plots import plot_loss
@@ -451,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rows", type=int, default=d.rows, help="query rows per window in the loss (R)")
     g.add_argument("--tail-fraction", type=float, default=d.tail_fraction, help="rows are drawn from this last part of each window")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--no-shift-windows", dest="shift_windows", action="store_false",
+                   help="keep the same window cuts every epoch (default: later epochs cut at a random offset)")
     g = p.add_argument_group("predictor shape (default: recipe)")
     g.add_argument("--producer-stride", type=int, help="G")
     g.add_argument("--sketch-dim", type=int, help="d'")
@@ -469,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after a finished run")
     g.add_argument("--val-windows", type=int, default=d.val_windows, help="held-out windows for the validation loss (0: none)")
     g.add_argument("--no-plot", dest="plot", action="store_false", help="skip loss.png (needs matplotlib otherwise)")
+    g.add_argument("--save-dtype", choices=sorted(DTYPES), default=d.save_dtype,
+                   help="dtype of the saved weights (float16 halves the file; loading casts back to float32)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--commit", help="code commit to record (default: git rev-parse HEAD or $BUTLER_GIT_COMMIT)")
     return p
