@@ -186,8 +186,9 @@ def test_cosine_schedule():
 def _run(tmp_path, model, name, steps=40, **kw):
     windows = motif_windows(32, 96, seed=1)
     val = motif_windows(4, 96, seed=2)
+    kw = {"plot": False, **kw}
     cfg = TrainConfig(out=str(tmp_path / name), tokens=steps * 4 * 96, batch_size=4, lr=5e-3, rows=32,
-                      log_every=5, device="cpu", plot=False, progress=False, **kw)
+                      log_every=5, device="cpu", progress=False, **kw)
     bcfg = tiny_butler_config(model, base_model=str(tmp_path / "base"))
     return train(cfg, model=model, train_windows=windows, val_windows=val, butler_config=bcfg), cfg
 
@@ -196,7 +197,7 @@ def _run(tmp_path, model, name, steps=40, **kw):
 def test_training_loss_falls_and_artifacts_load(tmp_path, kind, window):
     model = tiny_model(kind, sliding_window=window)
     model.save_pretrained(tmp_path / "base")
-    log, cfg = _run(tmp_path, model, "pred", steps=40)
+    log, cfg = _run(tmp_path, model, "pred", steps=40, plot=kind == "llama")
     losses = [s["loss"] for s in log["steps"]]
     assert len(losses) == 8
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -209,6 +210,7 @@ def test_training_loss_falls_and_artifacts_load(tmp_path, kind, window):
     assert saved["tokens_seen"] == 40 * 4 * 96 and saved["finished"]
     assert set(saved["steps"][0]) >= {"step", "loss", "lr", "tokens_per_s"}
     assert not (out / "checkpoint").exists()
+    assert (out / "loss.png").is_file() == (kind == "llama")
     # the artifacts are a normal predictor folder with provenance, loadable with the base it names
     pred = ButlerPredictor.from_pretrained(out)
     assert pred.config.training["tokens_seen"] == 40 * 4 * 96 and pred.config.training["steps"] == 40
@@ -256,6 +258,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     cfg = ButlerConfig.load(out)
     assert cfg.producer_stride == 2 and cfg.training["data"]["sources"] == [str(texts)]
     assert "training done" in capsys.readouterr().err
+
+
+def test_ablation_variants():
+    from butler_training.ablate import parse_variant
+
+    assert parse_variant("default") == {}
+    assert parse_variant("sketch_dim=8,query_heads=query,tail_fraction=0.875,tokens=1e6") == {
+        "sketch_dim": 8, "query_heads": "query", "tail_fraction": 0.875, "tokens": 1_000_000}
+    with pytest.raises(SystemExit):
+        parse_variant("no_such_field=1")
 
 
 def test_cli_lists_recipes(capsys):
