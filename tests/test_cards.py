@@ -91,15 +91,24 @@ def measured_dir(tmp_path_factory, tiny_llama_dir) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize("recipe", [r.name for r in all_recipes()])
 def test_every_recipe_card_validates(recipe):
-    card = cards.card_for_recipe(recipe)
-    checks = cards.validate_card(card)
-    assert "recipe-only: first line says so, no results" in checks
-    assert card.text.lstrip().splitlines()[0] == cards.RECIPE_ONLY_LINE
-    data = card.data.to_dict()
+    """A recipe whose trained predictor ships with butler-zoo gets a card with that predictor's measured
+    results; every other recipe's card says in its first line that it is a recipe only."""
     r = get_recipe(recipe)
+    inputs = cards.card_inputs_for_recipe(r)
+    card = cards.card_for_recipe(recipe)
+    checks = cards.validate_card(card, eval_json=inputs.eval)
+    data = card.data.to_dict()
+    if cards.find_trained_predictor(r) is None:
+        assert "recipe-only: first line says so, no results" in checks
+        assert card.text.lstrip().splitlines()[0] == cards.RECIPE_ONLY_LINE
+        assert "model-index" not in data and "| method |" not in card.text
+    else:
+        assert "recipe-only" not in data["tags"] and "recipe-only: first line says so, no results" not in checks
+        if inputs.eval is not None:
+            assert "model-index values and results table equal eval.json" in checks
+            assert card.text.lstrip().startswith(cards.MEASURED_LINE) and "| method |" in card.text
     assert data["base_model"] == r.base_model and data["license"] == r.license
     assert data["library_name"] == "butler-zoo" and data["pipeline_tag"] == "text-generation"
-    assert "model-index" not in data and "| method |" not in card.text
     for usage in (f'AutoButler.from_pretrained("{r.repo_id}"', f"hf download {r.repo_id}", "butler-zoo generate",
                   f"--decode-attention-backend tokenbutler --tokenbutler-predictor {r.repo_id} --tokenbutler-budget"):
         assert usage in card.text
@@ -211,3 +220,21 @@ def test_list_shows_every_recipe_and_finds_trained_predictors(tmp_path, measured
     table = runner.invoke(main, ["list", "--markdown"]).output
     assert table.startswith("| recipe | base model | predictor | status | repo id |")
     assert table.count("\n") == len(all_recipes()) + 2
+
+
+def test_readme_tables_are_current():
+    """The README's zoo table is `butler-zoo list --markdown` and its SmolLM2 results row is the shipped eval.json."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    listing = CliRunner().invoke(main, ["list", "--markdown"])
+    assert listing.exit_code == 0, listing.output
+    assert listing.output.strip() in readme, "README zoo table is stale: paste `butler-zoo list --markdown`"
+    r = get_recipe("smollm2-135m-instruct")
+    ev = cards.card_inputs_for_recipe(r).eval
+    assert ev is not None, "the SmolLM2 predictor ships with its eval.json"
+    for method, label in (("tokenbutler", "**TokenButler** (interval 1)"), ("oracle", "oracle (true attention, same policy)"),
+                          ("streaming_llm", "StreamingLLM"), ("random", "random")):
+        rows = {round(x["budget"], 2): x["ppl_rel"] for x in ev["results"]
+                if x["method"] == method and x["budget_kind"] == "fraction" and x.get("interval") in (None, 1)}
+        line = next(ln for ln in readme.splitlines() if ln.startswith(f"| {label} |"))
+        cells = [c.strip().strip("*") for c in line.split("|")[2:-1]]
+        assert cells == [f"{rows[f]:.4f}" for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)], (method, cells)

@@ -226,3 +226,19 @@ def test_shipped_predictor_decodes_smollm2():
         tb = windows_ppl(sim, windows, TokenButlerSelection(pred), plan, 64, 1, "cpu")
         st = windows_ppl(sim, windows, StreamingLLM(), plan, 64, 1, "cpu")
     assert tb["mass_recall"] > st["mass_recall"]
+
+
+def test_table_of_the_shipped_eval_json(capsys):
+    """`python -m butler_training.evaluate --table` prints eval.json's own values, rows in the order asked."""
+    from butler_training.evaluate import main
+    from butler_zoo.zoo import default_predictor
+
+    path = f"{default_predictor()}/eval.json"
+    ev = json.loads(open(path).read())
+    assert main(["--table", path, "--metric", "ppl_rel", "--methods", "oracle", "tokenbutler"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith("| oracle |") and lines[4].startswith("| tokenbutler (i=1) |")
+    first = next(r for r in ev["results"] if r["method"] == "oracle")
+    assert f"| {first['ppl_rel']:.4f} |" in lines[3]
+    with pytest.raises(SystemExit):
+        main(["--table", path, "--metric", "not_a_field"])

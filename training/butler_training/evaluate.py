@@ -481,8 +481,9 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, predictor=None, win
     return result
 
 
-def format_table(result: dict) -> str:
-    """Markdown table: one row per method (and interval), one column per budget: ``ppl (ppl_rel)``."""
+def format_table(result: dict, metric: str = "ppl", methods: Sequence[str] | None = None) -> str:
+    """Markdown table: one row per method (and interval), one column per budget, cells ``result[metric]``
+    (``ppl``, ``ppl_rel``, ``mass_recall``, ``coref_acc``...); ``methods`` picks and orders the rows."""
     budgets = sorted({(r["budget_kind"], float(r["budget"])) for r in result["results"] if r["method"] != "dense"},
                      key=lambda x: (x[0] != "fraction", x[1]))
     head = ["method"] + [f"{b:.0%}" if k == "fraction" else f"{int(b)} tok" for k, b in budgets]
@@ -490,21 +491,41 @@ def format_table(result: dict) -> str:
              f"prefill {result['prefill_len']})" if result.get("dense_ppl") else "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows: dict[str, dict] = {}
-    for r in result["results"]:
-        if r["method"] == "dense":
-            continue
-        label = r["method"] + (f" (i={r['interval']})" if r.get("interval") else "")
-        rows.setdefault(label, {})[(r["budget_kind"], float(r["budget"]))] = r
+    spec = {"ppl": ".3f", "ppl_rel": ".4f"}.get(metric, ".3f")
+    for m in methods or dict.fromkeys(r["method"] for r in result["results"]):
+        for r in result["results"]:
+            if r["method"] == m != "dense":
+                label = m + (f" (i={r['interval']})" if r.get("interval") else "")
+                rows.setdefault(label, {})[(r["budget_kind"], float(r["budget"]))] = r
     for label, cells in rows.items():
-        vals = [f"{cells[b]['ppl']:.3f}" if b in cells else "" for b in budgets]
+        vals = [format(cells[b][metric], spec) if b in cells and cells[b].get(metric) is not None else "–"
+                for b in budgets]
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def table_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m butler_training.evaluate --table EVAL_JSON [--metric M] [--methods ...]``: print the table."""
+    p = argparse.ArgumentParser(prog="python -m butler_training.evaluate --table",
+                                description="Markdown table of an eval.json: methods x budgets.")
+    p.add_argument("eval_json")
+    p.add_argument("--metric", default="ppl_rel", help="a field of the results: ppl, ppl_rel, mass_recall, coref_acc...")
+    p.add_argument("--methods", nargs="+", help="rows, in this order (default: all, in file order)")
+    args = p.parse_args(argv)
+    result = json.loads(Path(args.eval_json).read_text())
+    known = {k for r in result["results"] for k in r}
+    if args.metric not in known:
+        p.error(f"--metric {args.metric!r} is not a field of {args.eval_json}'s results; fields: {sorted(known)}")
+    print(format_table(result, args.metric, args.methods))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig()
     p = argparse.ArgumentParser(prog="butler-zoo eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="To print an existing eval.json as a methods x budgets markdown table: "
+                                       "python -m butler_training.evaluate --table EVAL_JSON [--metric ppl_rel] [--methods ...]")
     p.add_argument("--predictor", help="predictor folder or Hub id (default: the SmolLM2 predictor shipped with butler-zoo)")
     p.add_argument("--out", help="output folder for eval.json and eval_ppl.png (default: the predictor folder)")
     p.add_argument("--base-model", help="override the base (folder or Hub id)")
@@ -543,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--table"]:
+        return table_main(argv[1:])
     args = build_parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in fields})
