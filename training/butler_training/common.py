@@ -62,12 +62,18 @@ def load_base(location: BaseLocation, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` loaded with transformers (sdpa attention, eval mode, frozen)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from butler_zoo.base import gguf_file_path, repair_gguf_tokenizer
+
     kw = {}
     if location.get("gguf_file"):
         kw["gguf_file"] = location["gguf_file"]
     if location.get("revision"):
         kw["revision"] = location["revision"]
     tokenizer = AutoTokenizer.from_pretrained(location["path"], **kw)
+    gguf_path = gguf_file_path(location)
+    if gguf_path is not None:
+        # The same special tokens (the document separator is eos) on every supported transformers.
+        repair_gguf_tokenizer(tokenizer, gguf_path)
     model = AutoModelForCausalLM.from_pretrained(location["path"], dtype=dtype, attn_implementation="sdpa", **kw)
     model.eval().requires_grad_(False)
     return model, tokenizer
