@@ -71,3 +71,16 @@ def test_tokenizer_special_tokens_match_the_gguf(smollm2):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
     text = "creates .venv , then runs ."
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_cli_generate_uses_the_shipped_predictor_offline(monkeypatch):
+    """`butler-zoo generate "..."` with no --predictor runs the shipped SmolLM2 predictor with the Hub switched off."""
+    from click.testing import CliRunner
+
+    from butler_zoo.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import: set the live value too
+    res = CliRunner().invoke(main, ["generate", "The capital of France is", "-n", "4", "--no-chat", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "SmolLM2-135M-Instruct-butler" in res.output and "Paris" in res.output
