@@ -239,3 +239,5 @@ def test_table_of_the_shipped_eval_json(capsys):
     assert f"| {first['ppl_rel']:.4f} |" in lines[3]
     with pytest.raises(SystemExit):
         main(["--table", path, "--metric", "not_a_field"])
+    with pytest.raises(SystemExit):
+        main(["--table", path, "--methods", "oracle", "not_a_method"])

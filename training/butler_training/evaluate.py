@@ -516,6 +516,10 @@ def table_main(argv: Sequence[str] | None = None) -> int:
     known = {k for r in result["results"] for k in r}
     if args.metric not in known:
         p.error(f"--metric {args.metric!r} is not a field of {args.eval_json}'s results; fields: {sorted(known)}")
+    present = sorted({r["method"] for r in result["results"]} - {"dense"})
+    unknown = [m for m in args.methods or () if m not in present]
+    if unknown:
+        p.error(f"--methods {unknown} not in {args.eval_json}; it has {present}")
     print(format_table(result, args.metric, args.methods))
     return 0
 
