@@ -69,6 +69,8 @@ CORPORA = {
 }
 RESULT_COLUMNS = ("method", "interval", "budget", "attended", "PPL", "PPL / dense", "mass recall", "top-k overlap",
                   "co-ref acc", "gen agreement")
+# The further evaluation's table (eval_extra.json): fewer columns, so it never reads as the main table.
+EXTRA_COLUMNS = ("method", "budget", "attended", "PPL / dense", "mass recall")
 
 
 # ----- what a card is made of --------------------------------------------------------------------
@@ -85,6 +87,7 @@ class CardInputs:
     folder: Path | None = None  # the trained predictor's folder; None for a recipe without weights
     training_log: dict | None = None
     eval: dict | None = None
+    eval_extra: dict | None = None  # eval_extra.json: a further evaluation, shown in its own table
     files: list[str] = field(default_factory=list)  # files of the repo besides the card
 
     @property
@@ -183,6 +186,7 @@ def card_inputs_for_folder(folder: str | Path, *, repo_id: str | None = None, re
         folder=folder,
         training_log=_read_json(folder / TRAINING_FILES[0]),
         eval=_read_json(folder / EVAL_FILES[0]),
+        eval_extra=_read_json(folder / EVAL_FILES[2]),
         files=_repo_files(folder),
     )
 
@@ -236,6 +240,14 @@ def _table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def extra_rows(ev: dict) -> list[list[str]]:
+    """The further evaluation's table cells (``eval_extra.json``), one row per non-dense result, in file order."""
+    return [[r["method"] + (f" (interval {r['interval']})" if r.get("interval") else ""),
+             _fmt_budget(r["budget"], r.get("budget_kind")), _fmt(r["attended_fraction"], ".1%"),
+             _fmt(r["ppl_rel"], ".4f"), _fmt(r.get("mass_recall"), ".3f")]
+            for r in ev["results"] if r["method"] != "dense"]
 
 
 def _eval_dataset(ev: dict) -> tuple[str, str, str]:
@@ -416,6 +428,14 @@ def _template_kwargs(inputs: CardInputs) -> dict:
         kw["eval_versions"] = ", ".join(f"{k} {v}" for k, v in sorted((ev.get("versions") or {}).items()))
         kw["eval_data_line"] = (f"`{ev['split']}`, {ev['windows']} windows of {ev['seq_len']} tokens, the first {ev['prefill_len']} "
                                 "of each prefilled densely and the rest decoded (teacher-forced)")
+    ev2 = inputs.eval_extra
+    if ev is not None and ev2 is not None:
+        kw["extra_table"] = _table(EXTRA_COLUMNS, extra_rows(ev2))
+        kw["extra_dense_ppl"] = _fmt(ev2.get("dense_ppl"), ".3f")
+        kw["extra_command"] = ev2["command"]
+        kw["extra_machine"] = ev2.get("machine", "not recorded")
+        kw["extra_versions"] = ", ".join(f"{k} {v}" for k, v in sorted((ev2.get("versions") or {}).items()))
+        kw["extra_data_line"] = f"`{ev2['split']}`, {ev2['windows']} windows of {ev2['seq_len']} tokens, prefill {ev2['prefill_len']}"
     return kw
 
 
@@ -473,7 +493,7 @@ def _body(card: ModelCard) -> str:
     return card.text.lstrip("\n")
 
 
-def validate_card(card: ModelCard | str, *, eval_json: dict | None = None) -> list[str]:
+def validate_card(card: ModelCard | str, *, eval_json: dict | None = None, eval_extra_json: dict | None = None) -> list[str]:
     """Check a card locally; raise :class:`ButlerError` listing every problem, else return the checks run.
 
     Checks: the text parses with ``huggingface_hub.ModelCard`` and its metadata loads into
@@ -483,7 +503,8 @@ def validate_card(card: ModelCard | str, *, eval_json: dict | None = None) -> li
     (``other`` with ``license_name`` and ``license_link``), ``tags`` a non-empty list; ``model-index`` (when present) parses with ``model_index_to_eval_results`` into
     results whose values are finite numbers; a recipe-only card says so in its first line and has
     neither ``model-index`` nor a results table; with ``eval_json``, every ``model-index`` value and
-    every results-table cell equals the value in ``eval_json``.
+    every results-table cell equals the value in ``eval_json``; with ``eval_extra_json``, the
+    further-evaluation table equals it too.
     """
     text = str(card)
     problems: list[str] = []
@@ -530,6 +551,15 @@ def validate_card(card: ModelCard | str, *, eval_json: dict | None = None) -> li
     if eval_json is not None:
         problems += _compare_with_eval(card, results, eval_json)
         checks.append("model-index values and results table equal eval.json")
+    if eval_extra_json is not None:
+        want = ["| " + " | ".join(r) + " |" for r in extra_rows(eval_extra_json)]
+        got = [line for line in card.text.splitlines() if line.startswith("| ") and not line.startswith("| method |")
+               and line.count("|") == len(EXTRA_COLUMNS) + 1]
+        if want != got:
+            problems.append("the further-evaluation table differs from eval_extra.json")
+        if f"`{eval_extra_json['command']}`" not in card.text:
+            problems.append("the card does not name the command that produced eval_extra.json")
+        checks.append("further-evaluation table equals eval_extra.json")
     if problems:
         raise ButlerError("model card validation failed:\n  - " + "\n  - ".join(problems))
     return checks

@@ -52,7 +52,9 @@ __all__ = [
 
 CARD_NAME = "README.md"
 TRAINING_FILES = ("training_log.json", "loss.png")  # written by the trainer
-EVAL_FILES = ("eval.json", "eval_ppl.png")  # written by `butler-zoo eval`
+# written by `butler-zoo eval`; eval_extra.json: a further evaluation with the same schema (other methods,
+# windows or machine), shown in its own table because its numbers are not comparable cell for cell
+EVAL_FILES = ("eval.json", "eval_ppl.png", "eval_extra.json")
 EXPORT_FILES = ("predictor.pt2", "predictor-score.pt2")  # written by `butler-zoo export`
 # Every file a predictor repo may hold besides its card, in a fixed order.
 REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, *TRAINING_FILES, *EVAL_FILES, *EXPORT_FILES)

@@ -96,7 +96,7 @@ def test_every_recipe_card_validates(recipe):
     r = get_recipe(recipe)
     inputs = cards.card_inputs_for_recipe(r)
     card = cards.card_for_recipe(recipe)
-    checks = cards.validate_card(card, eval_json=inputs.eval)
+    checks = cards.validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra)
     data = card.data.to_dict()
     if cards.find_trained_predictor(r) is None:
         assert "recipe-only: first line says so, no results" in checks
@@ -125,7 +125,7 @@ def test_committed_cards_are_current_and_valid():
         path = committed / f"{r.name}.md"
         assert metadata_load(path)["base_model"] == r.base_model
         inputs = cards.card_inputs_for_recipe(r)
-        cards.validate_card(path.read_text(), eval_json=inputs.eval)
+        cards.validate_card(path.read_text(), eval_json=inputs.eval, eval_extra_json=inputs.eval_extra)
     assert "| recipe | base model |" in (committed / "README.md").read_text()
 
 
@@ -138,7 +138,7 @@ def test_shipped_predictor_cards_match_their_eval_json():
         if inputs.eval is None:
             assert "model-index" not in card.data.to_dict()
             continue
-        cards.validate_card(card, eval_json=inputs.eval)
+        cards.validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra)
 
 
 # ----- cards of trained predictors: numbers come from eval.json ------------------------------------------
@@ -238,3 +238,26 @@ def test_readme_tables_are_current():
         line = next(ln for ln in readme.splitlines() if ln.startswith(f"| {label} |"))
         cells = [c.strip().strip("*") for c in line.split("|")[2:-1]]
         assert cells == [f"{rows[f]:.4f}" for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)], (method, cells)
+
+
+def test_further_evaluation_table_comes_from_eval_extra_json(tmp_path, measured_dir):
+    """eval_extra.json (a further `butler-zoo eval` run) gets its own table; a changed number fails validation."""
+    import shutil
+
+    folder, ev = measured_dir
+    work = tmp_path / folder.name
+    shutil.copytree(folder, work)
+    extra = dict(ev, command="TEST FIXTURE: a second run", windows=ev["windows"] + 1)
+    (work / "eval_extra.json").write_text(json.dumps(extra))
+    inputs = cards.card_inputs_for_folder(work, repo_id="test-org/tiny-butler")
+    assert inputs.eval_extra == extra and "eval_extra.json" in inputs.files
+    text = str(cards.build_card(inputs))
+    checks = cards.validate_card(text, eval_json=ev, eval_extra_json=extra)
+    assert "further-evaluation table equals eval_extra.json" in checks
+    assert "### Further measurement" in text and "`TEST FIXTURE: a second run`" in text
+    row = next(r for r in extra["results"] if r["method"] != "dense")
+    assert f"| {row['ppl_rel']:.4f} |" in text
+    tampered = dict(extra, results=[dict(r) for r in extra["results"]])
+    next(r for r in tampered["results"] if r["method"] != "dense")["ppl_rel"] += 0.01
+    with pytest.raises(ButlerError, match="eval_extra.json"):
+        cards.validate_card(text, eval_json=ev, eval_extra_json=tampered)
