@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 from butler_zoo.errors import BudgetError
 
-__all__ = ["SparsePolicy"]
+__all__ = ["SparsePolicy", "parse_budget"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,29 @@ class SparsePolicy:
         if self.prediction_interval > 1:
             s += f", predicted every {self.prediction_interval} steps with neighbor fetching"
         return s
+
+
+def parse_budget(text: str | int | float) -> int | float:
+    """A budget from text: ``512`` (tokens per layer and KV head), ``0.1`` or ``10%`` (a fraction of
+    the context); checked by :class:`SparsePolicy`. Raises :class:`BudgetError` naming the fix. The
+    CLI's ``--budget`` and SGLang's ``--tokenbutler-budget`` both parse with this."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value: int | float = text
+    else:
+        s = str(text).strip()
+        try:
+            if s.endswith("%"):
+                value = float(s[:-1]) / 100.0
+            elif any(c in s for c in ".eE"):
+                value = float(s)
+            else:
+                value = int(s)
+        except ValueError:
+            raise BudgetError(
+                f"{text!r} is not a budget: give a token count (e.g. 512) or a fraction of the context (0.1 or 10%)"
+            ) from None
+    try:
+        SparsePolicy(budget=value)
+    except BudgetError as e:
+        raise BudgetError(f"{text!r} is not a budget: {e}") from None
+    return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from butler_zoo.errors import BudgetError
-from butler_zoo.policy import SparsePolicy
+from butler_zoo.policy import parse_budget
 
 
 class BudgetType(click.ParamType):
@@ -14,20 +14,10 @@ class BudgetType(click.ParamType):
     name = "BUDGET"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)):
-            return value
-        text = str(value).strip()
         try:
-            if text.endswith("%"):
-                budget: int | float = float(text[:-1]) / 100.0
-            elif any(c in text for c in ".eE"):
-                budget = float(text)
-            else:
-                budget = int(text)
-            SparsePolicy(budget=budget)  # validates the range
-            return budget
-        except (ValueError, BudgetError) as e:
-            self.fail(f"{value!r} is not a budget: give a token count (512), a fraction (0.1) or a percentage (10%). {e}", param, ctx)
+            return parse_budget(value)
+        except BudgetError as e:
+            self.fail(str(e), param, ctx)
 
 
 BUDGET = BudgetType()

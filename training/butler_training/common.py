@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime
 import os
 import platform
@@ -139,3 +141,12 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def config_from_args(cls, args, command: str):
+    """A ``cls`` dataclass config from parsed CLI ``args`` (options that are not fields are left out),
+    with ``command`` recorded for the run's provenance."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg.command = command
+    return cfg

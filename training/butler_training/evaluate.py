@@ -38,7 +38,9 @@ from typing import Sequence
 
 import torch
 
-from butler_training.common import DTYPES, describe_machine, git_commit, load_base, locate_base, resolve_device, utc_now, versions
+from butler_training.common import (
+    DTYPES, config_from_args, describe_machine, git_commit, load_base, locate_base, resolve_device, utc_now, versions,
+)
 from butler_training.probe import (
     AttentionProbe,
     DecodePlan,
@@ -571,9 +573,7 @@ def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> 
     if argv[:1] == ["--table"]:
         return table_main(argv[1:])
     args = build_parser().parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    cfg.command = prog_command or ("python -m butler_training.evaluate " + " ".join(argv))
+    cfg = config_from_args(EvalConfig, args, prog_command or ("python -m butler_training.evaluate " + " ".join(argv)))
     evaluate(cfg)
     return 0
 

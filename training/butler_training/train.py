@@ -32,6 +32,7 @@ import torch
 from butler_training.checkpoint import load_checkpoint, save_checkpoint
 from butler_training.common import (
     DTYPES,
+    config_from_args,
     describe_machine,
     git_commit,
     load_base,
@@ -503,9 +504,7 @@ def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> 
         build_parser().error("--out is required")
     if args.recipe is None and args.base_model is None:
         build_parser().error("give --recipe or --base-model")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    cfg.command = prog_command or ("python -m butler_training.train " + " ".join(argv))
+    cfg = config_from_args(TrainConfig, args, prog_command or ("python -m butler_training.train " + " ".join(argv)))
     train(cfg)
     return 0
 

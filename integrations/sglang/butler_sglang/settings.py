@@ -58,27 +58,14 @@ class TokenButlerStartupError(RuntimeError):
 # ----- flags -------------------------------------------------------------------------------------
 def parse_budget(text: str) -> int | float:
     """``--tokenbutler-budget``: ``512`` (tokens per layer and KV head), ``0.1`` or ``10%`` (a
-    fraction of each request's context). Validated by :class:`butler_zoo.SparsePolicy`."""
+    fraction of each request's context); :func:`butler_zoo.policy.parse_budget` as an argparse type."""
     from butler_zoo.errors import BudgetError
-    from butler_zoo.policy import SparsePolicy
+    from butler_zoo.policy import parse_budget as parse
 
-    s = str(text).strip()
     try:
-        if s.endswith("%"):
-            value: int | float = float(s[:-1]) / 100.0
-        elif any(c in s for c in ".eE"):
-            value = float(s)
-        else:
-            value = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a budget: give a token count (e.g. 512) or a fraction of the context (0.1 or 10%)"
-        ) from None
-    try:
-        SparsePolicy(budget=value)
+        return parse(text)
     except BudgetError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return value
 
 
 def _non_negative_int(text: str) -> int:
