@@ -25,6 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (the GPU script's Server and model helpers)
 
 
+def _print_top(title: str, events: list, limit: int) -> None:
+    """Total duration and count per event name (first 70 characters), largest first."""
+    by_name = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        by_name[e["name"][:70]][0] += e["dur"]
+        by_name[e["name"][:70]][1] += 1
+    print(title)
+    for name, (dur, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:limit]:
+        print(f"  {dur:10.0f}  {n:5d}  {name}")
+
+
 def summarize(trace_path: str) -> None:
     opener = gzip.open if trace_path.endswith(".gz") else open
     with opener(trace_path, "rt") as f:
@@ -38,20 +49,8 @@ def summarize(trace_path: str) -> None:
     t1 = max(e["ts"] + e["dur"] for e in kernels)
     busy = sum(e["dur"] for e in kernels)
     print(f"trace {Path(trace_path).name}: GPU span {(t1 - t0) / 1000:.2f} ms, GPU busy {busy / 1000:.2f} ms, {len(kernels)} kernels")
-    by_name = defaultdict(lambda: [0.0, 0])
-    for e in kernels:
-        by_name[e["name"][:70]][0] += e["dur"]
-        by_name[e["name"][:70]][1] += 1
-    print("top GPU kernels (total us, count):")
-    for name, (dur, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]:
-        print(f"  {dur:10.0f}  {n:5d}  {name}")
-    by_cpu = defaultdict(lambda: [0.0, 0])
-    for e in cpu:
-        by_cpu[e["name"][:70]][0] += e["dur"]
-        by_cpu[e["name"][:70]][1] += 1
-    print("top CPU ranges (total us, count):")
-    for name, (dur, n) in sorted(by_cpu.items(), key=lambda kv: -kv[1][0])[:25]:
-        print(f"  {dur:10.0f}  {n:5d}  {name}")
+    _print_top("top GPU kernels (total us, count):", kernels, 15)
+    _print_top("top CPU ranges (total us, count):", cpu, 25)
     # gaps on the GPU timeline longer than 0.5 ms: time the GPU waited for the host
     ks = sorted(kernels, key=lambda e: e["ts"])
     gaps = [(b["ts"] - (a["ts"] + a["dur"])) for a, b in zip(ks, ks[1:]) if b["ts"] - (a["ts"] + a["dur"]) > 500]
