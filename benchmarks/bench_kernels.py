@@ -3,6 +3,7 @@ butler_kernels (score + select, attention, both).
 
     python benchmarks/bench_kernels.py                   # Llama-3.1-8B shapes, batch 1/8/16, 8K/32K/128K, 5/10/20 %
     python benchmarks/bench_kernels.py --batch 1 --context 32768 --budget 0.1 --tune
+    python benchmarks/bench_kernels.py --batch 1 8 --context 32768 --budget 0.1 --score-scale 1e-8 1 1e8
 
 Every configuration is first checked against the reference (selection as a set of scores,
 attention output relative error); then timed with ``triton.testing.do_bench`` (median; it also
@@ -12,12 +13,19 @@ and a compiled transformers step see). Budget is the fraction of the context att
 window + selected, as in PERF.md) unless ``--budget-mode selected``. Bytes floor: the sketch plus
 the attended K/V rows (the dense floor: all of K and V) at ``--peak-tbps``.
 
+``--score-scale`` multiplies the predictor scores (the query and the sketch each by its square
+root) so that the selection can be timed on scores of any magnitude: its cost must not depend on it
+(SGLang's ``--load-format dummy`` weights give scores of ~1e-8). The selection's work counters
+(``butler_kernels.testing.selection_work``) are reported next to its check: the share of
+candidates that reached the serial boundary stage, and that the boundary pass split in parallel.
+
 Writes ``$OUT/bench_kernels.json`` when ``OUT`` is set (or ``--json PATH``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,7 +49,7 @@ from butler_kernels import (
     score_select_triton,
     sparse_decode,
 )
-from butler_kernels.testing import check_selection
+from butler_kernels.testing import check_selection, selection_work
 
 GB = 1024**3
 DEVICE = torch.device("cuda")
@@ -61,6 +69,7 @@ class Shape:
     sel_heads: int
     head_dim: int
     sketch_dim: int
+    score_scale: float = 1.0  # predictor scores multiplied by this
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Result:
     shape: Shape
     copies: int
     check_select: str = ""
+    work: str = ""  # selection work counters (serial / parallel share of the candidates)
     attn_rel_err: float = float("nan")
     ms: dict = field(default_factory=dict)  # name -> median milliseconds per step
     bytes: dict = field(default_factory=dict)
@@ -82,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--budget", type=float, nargs="+", default=[0.05, 0.10, 0.20])
+    p.add_argument("--score-scale", type=float, nargs="+", default=[1.0],
+                   help="multiply the predictor scores by this (query and sketch each by its square root)")
     p.add_argument("--budget-mode", choices=["total", "selected"], default="total",
                    help="total: sinks + window + selected = budget x context (PERF.md); selected: k = budget x context")
     p.add_argument("--sinks", type=int, default=64)
@@ -104,13 +116,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_shape(args, batch, context, budget) -> Shape:
+def make_shape(args, batch, context, budget, score_scale=1.0) -> Shape:
     if args.budget_mode == "total":
         k = max(0, math.ceil(budget * context) - args.sinks - args.window)
     else:
         k = math.ceil(budget * context)
     return Shape(batch, context, budget, args.sinks, args.window, k, args.sinks + args.window + k, args.heads,
-                 args.kv_heads, args.sel_heads or args.kv_heads, args.head_dim, args.sketch_dim)
+                 args.kv_heads, args.sel_heads or args.kv_heads, args.head_dim, args.sketch_dim, score_scale)
+
+
+def check_score_scale(scale: float, dtype) -> None:
+    """The query and the sketch are each multiplied by sqrt(scale): both must stay normal numbers
+    of ``dtype`` (bf16 has fp32's exponent range; fp16 does not reach 1e-8 or 1e12)."""
+    if not scale > 0 or not math.isfinite(scale):
+        raise SystemExit(f"--score-scale must be positive and finite, got {scale}")
+    root, info = math.sqrt(scale), torch.finfo(dtype)
+    if root * 1e-2 < info.smallest_normal or root * 10 > info.max:
+        raise SystemExit(f"--score-scale {scale:g} does not fit {dtype} inputs (sqrt {root:.1e} per factor); use --dtype bf16")
 
 
 def input_bytes(s: Shape, elt: int) -> int:
@@ -146,6 +168,10 @@ class Inputs:
         self.v = torch.randn(s.batch, s.kv_heads, s.context, s.head_dim, device=dev, dtype=dtype, generator=gen)
         self.q_sel = torch.randn(s.batch, s.sel_heads, s.sketch_dim, device=dev, dtype=dtype, generator=gen)
         self.sketch = torch.randn(s.batch, s.kv_heads, s.context, s.sketch_dim, device=dev, dtype=dtype, generator=gen)
+        if s.score_scale != 1.0:  # scores = <q_sel, sketch> scale by root^2
+            root = math.sqrt(s.score_scale)
+            self.q_sel = (self.q_sel.float() * root).to(dtype)
+            self.sketch = (self.sketch.float() * root).to(dtype)
         self.start = torch.zeros(s.batch, dtype=torch.int64, device=dev)
         self.end = torch.full((s.batch,), s.context, dtype=torch.int64, device=dev)
         self.table = None
@@ -235,7 +261,7 @@ def bench_graph(fn, copies: int) -> float:
     return ms
 
 
-def verify(x: Inputs, s: Shape, scale: float) -> tuple[str, float]:
+def verify(x: Inputs, s: Shape, scale: float) -> tuple[str, float, str]:
     sel = ours_select(x, s)
     check = check_selection(
         sel, x.q_sel, x.sketch_ours, x.start, x.end, sinks=s.sinks, window=s.window, k=s.k, token_table=x.table
@@ -243,8 +269,12 @@ def verify(x: Inputs, s: Shape, scale: float) -> tuple[str, float]:
     out = ours_attend(x, s, sel, scale)
     ref = reference.budgeted_attention(x.q, x.k_ours, x.v_ours, sel, x.start, x.end, s.sinks, s.window, scale, x.table)
     rel = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-    del sel, out, ref
-    return str(check), rel
+    _, work = selection_work(x.q_sel, x.sketch_ours, x.start, x.end, sinks=s.sinks, window=s.window, k=s.k, token_table=x.table)
+    cand = work.candidates.clamp(min=1).double()
+    work_str = (f"serial max {work.serial_fraction():.1%}, parallel max {float((work.parallel / cand).max()):.1%}, "
+                f"windowed min {float((work.windowed / cand).min()):.1%}")
+    del sel, out, ref, work
+    return str(check), rel, work_str
 
 
 def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
@@ -257,6 +287,9 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
             sel_cands.add(
                 SelectConfig(chunk_score=chunk, chunk_compact=compact, warps_score=max(4, chunk // 128), warps_compact=8)
             )
+    # boundary pass never / always / for bins above other sizes than the default's
+    for cap in (None, 0, 512, 8192):
+        sel_cands.add(dataclasses.replace(sel_default, serial_cap=cap))
     sel_times = {}
     for cfg in sel_cands:
         def run_select(i, c=cfg):
@@ -307,7 +340,7 @@ def run_one(args, s: Shape, dtype, elt: int) -> Result:
     gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
     xs = [Inputs(s, dtype, args.layout, gen) for _ in range(copies)]
     scale = 1.0 / math.sqrt(s.head_dim)
-    res.check_select, res.attn_rel_err = verify(xs[0], s, scale)
+    res.check_select, res.attn_rel_err, res.work = verify(xs[0], s, scale)
     sels = [ours_select(x, s) for x in xs]
 
     if args.layout == "dense":
@@ -333,13 +366,17 @@ def fmt_ms(v):
 
 
 def table(results: list[Result], peak: float) -> str:
+    scaled = any(r.shape.score_scale != 1.0 for r in results)
     head = ("| batch | context | budget | k | dense | naive | select | attend | total | total graph | floor | TB/s | "
             "x dense | x dense (graph) | check |")
+    if scaled:
+        head = "| score scale " + head
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         s = r.shape
+        lead = f"| {s.score_scale:g} " if scaled else ""
         if r.skipped:
-            lines.append(f"| {s.batch} | {s.context} | {s.budget:.0%} | {s.k} | skipped: {r.skipped} |" + " |" * 10)
+            lines.append(f"{lead}| {s.batch} | {s.context} | {s.budget:.0%} | {s.k} | skipped: {r.skipped} |" + " |" * 10)
             continue
         ms = r.ms
         floor_ms = r.bytes["total"] / (peak * 1e12) * 1e3
@@ -350,11 +387,29 @@ def table(results: list[Result], peak: float) -> str:
         spg = f"{dg / tg:.2f}" if dg and tg else "-"
         ok = "ok" if r.check_select.startswith("ok") and r.attn_rel_err < 2e-2 else "FAIL"
         lines.append(
-            f"| {s.batch} | {s.context} | {s.budget:.0%} | {s.k} | {fmt_ms(dense)} | {fmt_ms(ms.get('naive'))} | "
+            f"{lead}| {s.batch} | {s.context} | {s.budget:.0%} | {s.k} | {fmt_ms(dense)} | {fmt_ms(ms.get('naive'))} | "
             f"{fmt_ms(ms['select'])} | {fmt_ms(ms['attend'])} | {fmt_ms(ms['total'])} | {fmt_ms(tg)} | {floor_ms:.3f} | "
             f"{tbps:.2f} | {sp} | {spg} | {ok} (sel {r.check_select.split(' ')[0]}, attn {r.attn_rel_err:.1e}) |"
         )
     return "\n".join(lines)
+
+
+def scale_table(results: list[Result]) -> str:
+    """Selection time per score scale, for every shape timed at more than one scale."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        if not r.skipped:
+            s = r.shape
+            groups.setdefault((s.batch, s.context, s.budget), []).append(r)
+    lines = ["| batch | context | budget | select ms per score scale | slowest / fastest | work per scale |", "|---|---|---|---|---|---|"]
+    for (batch, context, budget), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        times = [r.ms["select"] for r in rs]
+        per = ", ".join(f"{r.shape.score_scale:g}: {r.ms['select']:.3f}" for r in rs)
+        work = "; ".join(f"{r.shape.score_scale:g}: {r.work}" for r in rs)
+        lines.append(f"| {batch} | {context} | {budget:.0%} | {per} | {max(times) / min(times):.2f} | {work} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def tuned_table(results: list[Result]) -> str:
@@ -369,7 +424,8 @@ def tuned_table(results: list[Result]) -> str:
         sb, ab = t["select_best"][0], t["attend_best"][0]
         lines.append(
             f"| {s.batch} | {s.context} | {s.budget:.0%} | {t['select_default'][1]:.3f} -> {t['select_best'][1]:.3f} "
-            f"(chunk {sb['chunk_score']}/{sb['chunk_compact']}, warps {sb['warps_score']}) | {t['attend_default'][1]:.3f} -> "
+            f"(chunk {sb['chunk_score']}/{sb['chunk_compact']}, warps {sb['warps_score']}, serial cap {sb['serial_cap']}) | "
+            f"{t['attend_default'][1]:.3f} -> "
             f"{t['attend_best'][1]:.3f} (splits {ab['num_splits']}, block {ab['block_n']}, stages {ab['num_stages']}) |"
         )
     return "\n".join(lines)
@@ -383,6 +439,8 @@ def main(argv=None) -> int:
     import triton
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    for score_scale in args.score_scale:
+        check_score_scale(score_scale, dtype)
     elt = 2
     env = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -397,18 +455,24 @@ def main(argv=None) -> int:
     for batch in args.batch:
         for context in args.context:
             for budget in args.budget:
-                s = make_shape(args, batch, context, budget)
-                r = run_one(args, s, dtype, elt)
-                results.append(r)
-                status = r.skipped or (f"check {r.check_select}, attn rel err {r.attn_rel_err:.1e}; "
-                                       + ", ".join(f"{k} {v:.3f} ms" for k, v in r.ms.items()))
-                print(f"B {batch} ctx {context} budget {budget:.0%} (k {s.k}, {r.copies} copies): {status}", flush=True)
+                for score_scale in args.score_scale:
+                    s = make_shape(args, batch, context, budget, score_scale)
+                    r = run_one(args, s, dtype, elt)
+                    results.append(r)
+                    status = r.skipped or (f"check {r.check_select}, attn rel err {r.attn_rel_err:.1e}; work {r.work}; "
+                                           + ", ".join(f"{k} {v:.3f} ms" for k, v in r.ms.items()))
+                    scale_note = f" scale {score_scale:g}" if len(args.score_scale) > 1 or score_scale != 1.0 else ""
+                    print(f"B {batch} ctx {context} budget {budget:.0%}{scale_note} (k {s.k}, {r.copies} copies): {status}",
+                          flush=True)
     print(f"\n# done in {time.time() - t0:.0f} s; medians in ms; floor = (sketch + attended K/V bytes) / {args.peak_tbps} TB/s; "
           "TB/s = those bytes / total time\n")
     print(table(results, args.peak_tbps))
     noise = [abs(r.ms["total"] - r.ms["total_again"]) / r.ms["total"] for r in results if not r.skipped]
     if noise:
         print(f"\nnoise: total timed twice differs by median {statistics.median(noise):.1%}, max {max(noise):.1%}")
+    scales = scale_table(results)
+    if scales:
+        print("\n" + scales)
     if args.tune:
         print("\n" + tuned_table(results))
     path = args.json or (os.path.join(os.environ["OUT"], "bench_kernels.json") if os.environ.get("OUT") else None)

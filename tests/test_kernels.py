@@ -36,7 +36,7 @@ from butler_kernels import (  # noqa: E402
     sparse_decode,
 )
 from butler_kernels import _triton_loader  # noqa: E402
-from butler_kernels.testing import check_selection  # noqa: E402
+from butler_kernels.testing import check_selection, selection_work  # noqa: E402
 
 IN_PROCESS = _triton_loader.triton_interpreted()
 
@@ -209,6 +209,187 @@ def test_select_edge_cases():
     _check_selection(sel, q_sel, sketch, start, end, 8, sinks=0, window=0)
 
 
+# --------------------------------------------------------------------- selection work, any scale
+# The selection's cost must not depend on the scale of the scores (a positive rescale cannot change
+# the top-k set). selection_work returns deterministic counters of where each row's candidates were
+# handled: the "serial" ones (scanned or radix-selected by a single program) must stay a few % of
+# the candidates for scores of any scale, sign mix, heavy ties and subnormal magnitudes.
+
+# Several programs, tickets and boundary passes at small shapes; serial_cap ~2% of the candidates,
+# as the default (2048) is of a 100K-token row.
+WORK_SELECT = SelectConfig(chunk_score=256, chunk_compact=256, block_finish=64, programs_per_row=3, serial_cap=32)
+WORK_T, WORK_K = 1600, 160  # 1580 candidates with S, W = 4, 16
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _norm_codes(keys: torch.Tensor) -> torch.Tensor:
+    """The kernels' signed log-scale code: octave (subnormals normalised) and 14 mantissa bits."""
+    neg = keys < 0
+    m = torch.where(neg, keys ^ 0x7FFFFFFF, keys) & 0x7FFFFFFF
+    sub = (m.to(torch.float32).view(torch.int32).to(torch.int64) >> 9) - (126 << 14)
+    nm = torch.where(m >= 1 << 23, (m >> 9) + (23 << 14), sub)
+    nm = torch.where(m == 0, 0, nm)
+    return torch.where(neg, -1 - nm, nm)
+
+
+def _threshold(hist: torch.Tensor, need: int) -> tuple[int, int]:
+    suffix = hist.flip(0).cumsum(0).flip(0)
+    t = int(torch.nonzero(suffix >= need).max())
+    return t, int(hist[t + 1 :].sum())
+
+
+def _radix_passes(keys: torch.Tensor, need: int) -> int:
+    base, width, passes = int(keys.min()), int(keys.max() - keys.min()), 0
+    while width > 0:
+        shift = max(width.bit_length() - 8, 0)
+        live = keys[(keys >= base) & (keys <= base + width)]
+        t, above = _threshold(torch.bincount((live - base) >> shift, minlength=256), need)
+        need, base, width = need - above, base + (t << shift), min(width - (t << shift), (1 << shift) - 1)
+        passes += 1
+    return passes
+
+
+def _expected_work(scores: torch.Tensor, k: int, serial_cap: int) -> dict:
+    """Work counters of one row whose candidates score ``scores`` (fp32, as the kernel computes
+    them): an independent model of the algorithm of _score_select_kernels."""
+    n = scores.numel()
+    work = dict(candidates=n, parallel=0, scanned=0, selected=0, passes=0)
+    if k <= 0 or n <= k:
+        return work
+    keys = _order_keys(scores)
+    code = _norm_codes(keys)
+    bin1 = (code >> 12) + 2048
+    b1, a1 = _threshold(torch.bincount(bin1, minlength=4096), k)
+    members = keys[bin1 == b1]
+    need = k - a1
+    if members.numel() <= need or members.min() == members.max():
+        return work  # the provisional boundary is the answer
+    digit = code[bin1 == b1] & 4095
+    b2, a2 = _threshold(torch.bincount(digit, minlength=4096), need)
+    kept, need2 = members[digit == b2], need - a2
+    if members.numel() > serial_cap:  # split by the boundary pass
+        work["parallel"] = members.numel()
+        if kept.numel() <= need2 or kept.min() == kept.max():
+            return work
+    else:  # split by the last compaction program
+        work["scanned"] = members.numel()
+    if need2 < kept.numel():
+        work["selected"], work["passes"] = kept.numel(), _radix_passes(kept, need2)
+    return work
+
+
+def _check_work(q_sel, sketch, start, end, k, config=WORK_SELECT, tolerance=None, exact_scores=None):
+    """Run the selection, check it against the reference and return its work counters; with
+    ``exact_scores`` ([B, H_kv, T] fp32, the scores the kernel computes bit for bit) the counters
+    must also equal the model's."""
+    sel, work = selection_work(q_sel, sketch, start, end, sinks=S, window=W, k=k, config=config)
+    res = check_selection(sel, q_sel, sketch, start, end, sinks=S, window=W, k=k, tolerance=tolerance)
+    assert res.ok, str(res)
+    if exact_scores is not None:
+        cand = _ranges_mask(start, end, sketch.shape[2])
+        for b in range(sketch.shape[0]):
+            for h in range(sketch.shape[1]):
+                want = _expected_work(exact_scores[b, h][cand[b]], k, config.serial_cap)
+                got = {name: int(getattr(work, name)[b, h]) for name in want}
+                assert got == want, f"row {b}, head {h}"
+    return work
+
+
+def _one_hot_case(scores: torch.Tensor, gen: torch.Generator):
+    """Inputs whose kernel scores are exactly ``scores`` [B, H_kv, T] (fp32): a one-hot predictor
+    query picks sketch column 0 (the other columns hold noise times zero)."""
+    b, h, t = scores.shape
+    q_sel = torch.zeros(b, h, 16)
+    q_sel[..., 0] = 1.0
+    sketch = torch.randn(b, h, t, 16, generator=gen)
+    sketch[..., 0] = scores
+    return q_sel, sketch
+
+
+def test_select_work_is_scale_free():
+    """Gaussian predictor scores (16-dim dot products, mixed signs) scaled by 1e-12..1e12: the
+    serial stage stays a few % of the candidates at every scale, and under power-of-two scales
+    (exact in floating point) every counter is identical."""
+    gen = torch.Generator().manual_seed(20)
+    q_sel = torch.randn(1, 2, 16, generator=gen)
+    sketch = torch.randn(1, 2, WORK_T, 16, generator=gen)
+    start, end = torch.zeros(1, dtype=torch.int64), torch.full((1,), WORK_T)
+    counters = {}
+    for scale in (1.0, 2.0**-100, 2.0**100, 1e-12, 1e-8, 1e8, 1e12):
+        work = _check_work(q_sel, sketch * scale, start, end, WORK_K)
+        assert torch.equal(work.windowed, work.candidates), f"scale {scale:g}: candidates binned one atomic each"
+        assert work.serial_fraction() <= 0.03, f"scale {scale:g}: {work}"
+        assert int(work.parallel.max()) <= 0.08 * WORK_T, f"scale {scale:g}: {work}"
+        counters[scale] = torch.stack([work.parallel, work.scanned, work.selected, work.passes])
+    for scale in (2.0**-100, 2.0**100):
+        assert torch.equal(counters[scale], counters[1.0]), f"scale {scale:g}"
+
+
+def _two_values(gen, b, h, t, lo, hi, frac_hi):
+    return torch.where(torch.rand(b, h, t, generator=gen) < frac_hi, hi, lo)
+
+
+_WORK_DISTRIBUTIONS = {
+    # most scores negative, fewer positives than k: the boundary lies among the negatives
+    "mixed_sign": lambda g, b, h, t: torch.where(
+        torch.rand(b, h, t, generator=g) < 0.05, torch.rand(b, h, t, generator=g), -torch.rand(b, h, t, generator=g) * 3
+    ),
+    "all_equal": lambda g, b, h, t: torch.full((b, h, t), 0.37),
+    "all_zero": lambda g, b, h, t: torch.zeros(b, h, t),
+    "two_values": lambda g, b, h, t: _two_values(g, b, h, t, -1.0, 2.0, 0.3),  # boundary in the upper value
+    "two_values_one_bin": lambda g, b, h, t: _two_values(g, b, h, t, 1.0, 1.0625, 0.05),  # boundary in the lower one
+    "subnormal": lambda g, b, h, t: torch.randn(b, h, t, generator=g) * 1e-39,
+    "offset": lambda g, b, h, t: 1000.0 + torch.randn(b, h, t, generator=g),  # all in one or two level-1 bins
+    "wide": lambda g, b, h, t: torch.randn(b, h, t, generator=g) * torch.exp2(torch.randint(-80, 80, (b, h, t), generator=g).float()),
+}
+
+
+@pytest.mark.parametrize("name", list(_WORK_DISTRIBUTIONS))
+def test_select_work_distributions(name):
+    """Exact selection (tolerance 0: the kernel's scores are exact here) and few serial candidates
+    for mixed signs, heavy ties, subnormals, a large common offset and magnitudes spread over 160
+    octaves; the counters equal those of an independent model of the algorithm."""
+    gen = torch.Generator().manual_seed(21)
+    scores = _WORK_DISTRIBUTIONS[name](gen, 1, 2, WORK_T).float()
+    q_sel, sketch = _one_hot_case(scores, gen)
+    start, end = torch.zeros(1, dtype=torch.int64), torch.full((1,), WORK_T)
+    work = _check_work(q_sel, sketch, start, end, WORK_K, tolerance=0.0, exact_scores=scores)
+    assert work.serial_fraction() <= 0.03, str(work)
+    if name != "wide":
+        assert torch.equal(work.windowed, work.candidates), str(work)
+
+
+@pytest.mark.parametrize("serial_cap", [None, 0])
+def test_select_boundary_modes(serial_cap):
+    """Two launches (the last compaction program always finishes the row) and a boundary pass for
+    every row: the same exact selection, ragged rows and per-row budgets included."""
+    gen = torch.Generator().manual_seed(22)
+    b, t, k = 3, 700, 60
+    config = SelectConfig(chunk_score=128, chunk_compact=128, block_finish=32, programs_per_row=3, serial_cap=serial_cap)
+    scores = torch.stack([
+        torch.randn(2, t, generator=gen),
+        _two_values(gen, 1, 2, t, 1.0, 1.0625, 0.5)[0],
+        1000.0 + torch.randn(2, t, generator=gen) * 0.01,
+    ]).float()
+    q_sel, sketch = _one_hot_case(scores, gen)
+    start, end = _rows(b, t, True, gen)
+    bpr = torch.tensor([k, 7, 1000])
+    sel, work = selection_work(q_sel, sketch, start, end, sinks=S, window=W, k=k, budget_per_row=bpr, config=config)
+    res = check_selection(sel, q_sel, sketch, start, end, sinks=S, window=W, k=k, budget_per_row=bpr, tolerance=0.0)
+    assert res.ok, str(res)
+    cand = _ranges_mask(start, end, t)
+    for i in range(b):
+        for h in range(2):
+            want = _expected_work(scores[i, h][cand[i]], min(int(bpr[i]), k), 2**31 - 1 if serial_cap is None else 0)
+            assert {name: int(getattr(work, name)[i, h]) for name in want} == want, f"row {i}, head {h}"
+    if serial_cap == 0:
+        assert int(work.parallel.sum()) > 0
+
+
 # ------------------------------------------------------------------------------------ attention
 
 
@@ -340,6 +521,10 @@ def test_interpreter_mode_is_used():
 
     kernels = _triton_loader.kernel_module("_score_select_kernels", torch.device("cpu"))
     assert score_select_module._WS_STRIDE == int(kernels.WS_STRIDE)
+    # ... and reads its work counters where the kernels write them
+    assert score_select_module._WS_N_CAND == int(kernels.WS_N_CAND)
+    counters = ("WS_N_CAND", "WS_N_WINDOW", "WS_N_PARALLEL", "WS_N_SCAN", "WS_N_SELECT", "WS_N_PASSES")
+    assert [int(getattr(kernels, c)) for c in counters] == list(range(score_select_module._WS_N_CAND, score_select_module._WS_N_CAND + score_select_module._N_COUNTERS))
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -436,7 +621,9 @@ def test_kernels_compile_for_hopper():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     builds = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {b["kernel"] for b in builds} == {"_score_hist_kernel", "_compact_kernel", "_attn_split_kernel", "_merge_kernel"}
+    assert {b["kernel"] for b in builds} == {
+        "_score_hist_kernel", "_compact_kernel", "_boundary_kernel", "_attn_split_kernel", "_merge_kernel"
+    }
     for b in builds:
         assert b["spill_bytes"] == 0, f"{b['kernel']} ({b['variant']}) spills {b['spill_bytes']} bytes"
         if b["kernel"] == "_attn_split_kernel":

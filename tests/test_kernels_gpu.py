@@ -21,7 +21,7 @@ from butler_kernels import (
     sparse_decode,
 )
 from butler_kernels._triton_loader import triton_interpreted
-from butler_kernels.testing import check_selection
+from butler_kernels.testing import check_selection, selection_work
 
 pytestmark = [
     pytest.mark.gpu,
@@ -137,6 +137,74 @@ def test_select_score_distributions(name, config):
         res = check_selection(sel, q_sel, sketch, start, end, sinks=64, window=256, k=k)
         assert res.ok, str(res)
     _RESULTS.append(("select distribution", f"{name}, {'default' if config is None else 'small chunks'}", str(res)))
+
+
+@pytest.mark.parametrize("config", [None, SelectConfig(serial_cap=None), SelectConfig(serial_cap=0)])
+def test_select_scale_free_work(config):
+    """Scores scaled by 1e-12..1e12 (SGLang's dummy weights give ~1e-8): exact selections, few
+    candidates in the serial stage at every scale, and identical work counters under power-of-two
+    scales, for the default config, two launches (no boundary pass) and a boundary pass for all."""
+    gen = _gen(31)
+    b, h, t, k = 4, 8, 32768, 2957
+    q_sel = torch.randn(b, h, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    sketch = torch.randn(b, h, t, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    start, end = _rows(b, t, ragged=True, gen=gen)
+    counters = {}
+    for scale in (1.0, 2.0**-100, 2.0**100, 1e-12, 1e-8, 1e8, 1e12):
+        sk = (sketch.float() * scale).to(torch.bfloat16)
+        sel, work = selection_work(q_sel, sk, start, end, sinks=64, window=256, k=k, config=config)
+        res = check_selection(sel, q_sel, sk, start, end, sinks=64, window=256, k=k)
+        assert res.ok, f"scale {scale:g}: {res}"
+        assert work.serial_fraction() <= 0.08, f"scale {scale:g}: {work}"
+        counters[scale] = torch.stack([work.parallel, work.scanned, work.selected, work.passes])
+    for scale in (2.0**-100, 2.0**100):
+        assert torch.equal(counters[scale], counters[1.0]), f"scale {scale:g}"
+    name = "default" if config is None else f"serial_cap {config.serial_cap}"
+    _RESULTS.append(("select work vs score scale", name, "exact, serial <= 8% at 1e-12..1e12"))
+
+
+def _graph_time_ms(fn, calls: int = 20) -> float:
+    """Median ms of one call replayed from a CUDA graph of ``calls`` calls (no launch overhead)."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / calls
+
+
+@pytest.mark.parametrize("b", [1, 8])
+def test_select_time_is_scale_free(b):
+    """Llama-3.1-8B selection shapes (8 KV heads, d' 16, bf16, 32K context, 10% budget): the
+    selection takes the same time on scores of scale 1e-8, 1 and 1e8 (before the full-range bins,
+    1e-8 sent every candidate through one program's serial select: 263 us instead of ~35)."""
+    gen = _gen(41)
+    h, t, sinks, window = 8, 32768, 64, 256
+    k = t // 10 - sinks - window
+    q_sel = torch.randn(b, h, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    sketch = torch.randn(b, h, t, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    start = torch.zeros(b, dtype=torch.int64, device=DEV)
+    end = torch.full((b,), t, dtype=torch.int64, device=DEV)
+    out = torch.empty(b, h, k, dtype=torch.int32, device=DEV)
+    times = {}
+    for scale in (1e-8, 1.0, 1e8):
+        sk = (sketch.float() * scale).to(torch.bfloat16)
+        score_select_triton(q_sel, sk, start, end, sinks=sinks, window=window, k=k, out=out)
+        res = check_selection(out, q_sel, sk, start, end, sinks=sinks, window=window, k=k)
+        assert res.ok, f"scale {scale:g}: {res}"
+        times[scale] = _graph_time_ms(
+            lambda sk=sk: score_select_triton(q_sel, sk, start, end, sinks=sinks, window=window, k=k, out=out)
+        )
+    ratio = max(times.values()) / min(times.values())
+    summary = ", ".join(f"{s:g}: {1e3 * ms:.1f} us" for s, ms in times.items())
+    _RESULTS.append(("select time vs score scale", f"B{b} T{t} k{k}", f"{summary}; slowest/fastest {ratio:.2f}"))
+    assert ratio <= 1.5, summary
 
 
 # ------------------------------------------------------------------------------------ attention

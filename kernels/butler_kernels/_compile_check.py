@@ -116,7 +116,8 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
                 layout = "paged, budget per row" if paged else "dense"
                 builds.append(_build(sel_mod, launches[0], f"B {b}, chunk {cfg.chunk_score}, group {group}, {layout}", arch))
                 if group == 1:
-                    builds.append(_build(sel_mod, launches[1], f"B {b}, chunk {cfg.chunk_compact}, {layout}", arch))
+                    for launch in launches[1:]:
+                        builds.append(_build(sel_mod, launch, f"B {b}, chunk {cfg.chunk_compact}, {layout}", arch))
         q = torch.empty(b, h_q, d, device=meta, dtype=torch.bfloat16)
         att_cfg = default_attention_config(b * h_kv, sinks + window + k, d, meta, sms=sms)
         for paged in (False, True):

@@ -2,20 +2,35 @@
 
 Imported lazily through ``_triton_loader.kernel_module``, in the mode Triton runs in.
 
-Selection is a radix select on an order-preserving int32 key of the score, done in two launches
-per call plus one memset of a small int32 workspace:
+Selection is a radix select on an order-preserving int32 key of the score, done in three launches
+per call (two with ``SelectConfig.serial_cap=None``) plus one memset of a small int32 workspace.
+The digits come from a **log-scale code** of the key (``_norm_code``): the signed octave of the
+score (the float exponent, with the 23 subnormal octaves spread out as if they were normal)
+followed by 14 mantissa bits. Its top 11 bits are the level-1 bin (4 bins per octave over the whole
+float range, 4096 bins), the next 12 the level-2 digit. Multiplying every score by ``2^j`` shifts
+every bin by ``4j``: the counts, and hence the work, do not depend on the scale of the scores.
 
 1. ``_score_hist_kernel``, a few programs per (KV head, row), each striding over chunks of the
-   row's candidates: reads the sketch once, scores the candidates, writes their keys (4 bytes per token instead of the 32-byte sketch
-   row, so later passes are cheap) and adds a 256-bin histogram of a coarse, monotone bin of the
-   key to the row's histogram. The last program of a row to finish (ticket counter) turns the
-   histogram into the threshold bin ``b1``: everything in bins above it is selected, the bin
-   itself holds the boundary.
+   row's candidates: reads the sketch once, scores the candidates, writes their keys (4 bytes per
+   token instead of the 32-byte sketch row, so later passes are cheap) and histograms their
+   level-1 bins. A 4096-bin histogram is too costly in registers, so each program keeps a 256-bin
+   *window* of it in registers, anchored on the magnitudes of its first chunk (127 codes, 31.75
+   octaves, per sign, plus the two zeros); candidates outside the window (rare: magnitudes 28
+   octaves below or 3 above the first chunk's largest) go to the row's histogram with an atomic
+   each. The last program of a row to finish (ticket counter) turns the histogram into the
+   threshold bin ``b1``: everything in bins above it is selected, the bin holds the boundary.
 2. ``_compact_kernel``, same grid over the keys: stream-compacts candidates above ``b1`` straight
-   into the output, copies the positions of the members of ``b1`` into a side buffer and
-   histograms their keys on the next 12 bits. The last program of a row resolves the boundary
-   exactly: a 4096-bin threshold on that second histogram, then a serial radix select on what is
-   left (usually a handful of keys), then ``-1`` padding.
+   into the output, copies the positions of the members of ``b1`` into a side buffer (and
+   provisionally the first ones into the output's free slots), histograms their level-2 digits and
+   tracks their min/max key. The last program of the row: when the members all fit or all tie,
+   the provisional output is the answer; otherwise the level-2 threshold ``b2``, then either (at
+   most ``serial_cap`` members) it splits the members itself and radix-selects among those of
+   ``b2`` (they share 23 bits of the code: a handful of keys, ties aside), or it leaves the row to
+3. ``_boundary_kernel``, a few programs per row over the side buffer: members above ``b2`` to the
+   output, members of ``b2`` to a second side buffer (and provisionally to the output); the last
+   program radix-selects among them unless they all fit or tie. Rows resolved earlier return at
+   once. So a boundary bin crowded by the shape of the distribution (a large common offset, two
+   close values) is split in parallel, never scanned by one program.
 
 Nothing is ever sorted and no fp32 score goes back to memory. Every shape is static for a fixed
 ``k``, nothing syncs with the host, so the launch sequence is CUDA-graph capturable.
@@ -24,27 +39,44 @@ Nothing is ever sorted and no fp32 score goes back to memory. Every shape is sta
 import triton
 import triton.language as tl
 
-# Coarse bins (level 1): 128 per sign. Magnitudes in [2^-15, 2^16) get 4 bins per octave (the
-# exponent and the top 2 mantissa bits); smaller magnitudes share bin "0" and larger ones bin
-# "huge" on each side. Keys in one regular bin share their top 11 bits, so the next 12 bits are a
-# valid second-level digit; the two clamped bins per sign fall back to the serial select.
-NB1 = tl.constexpr(256)
-NB2 = tl.constexpr(4096)
-NB_REFINE = tl.constexpr(256)
-_CODE_LO = tl.constexpr((127 - 15) * 4)  # (exponent, 2 mantissa bits) code of 2^-15
-_NREG = tl.constexpr(31 * 4)  # regular bins per sign: 31 octaves x 4
-_FINE_SHIFT = tl.constexpr(9)  # level-2 digit: key bits [20:9]
+# Level-1 bins: 4096, the signed log-scale code of the key (see _norm_code). Per sign 1116 codes
+# are in use: magnitude code 0 (zero), 4..95 (subnormal octaves), 96..1111 (normal), 1112..1115
+# (inf, nan); +0 is bin 2048, -0 bin 2047, positive scores above, negative ones below.
+NBG = tl.constexpr(4096)
+NB2 = tl.constexpr(4096)  # level-2 digits: the next 12 bits of the code
+NB_REFINE = tl.constexpr(256)  # digits per pass of the serial radix select
+_MC_TOP = tl.constexpr(1115)  # largest magnitude code (a nan)
+# Register window of the scoring programs: 256 bins = per sign 127 consecutive magnitude codes
+# [base, base + 127) (31.75 octaves) plus one bin for each zero; base >= 1 (code 0 is zero).
+_WIN = tl.constexpr(127)
+_WIN_HEADROOM = tl.constexpr(12)  # the window ends 3 octaves above the first chunk's largest magnitude
 
-# Workspace layout, int32 per (row, KV head); zeroed by the launcher before every call.
-WS_HIST1 = tl.constexpr(0)
-WS_HIST2 = tl.constexpr(256)
-WS_TICKET1 = tl.constexpr(256 + 4096)
-WS_TICKET2 = tl.constexpr(256 + 4096 + 1)
-WS_B1 = tl.constexpr(256 + 4096 + 2)
-WS_A1 = tl.constexpr(256 + 4096 + 3)
-WS_CNT_ABOVE = tl.constexpr(256 + 4096 + 4)
-WS_CNT_BIN = tl.constexpr(256 + 4096 + 5)
-WS_STRIDE = tl.constexpr(256 + 4096 + 8)
+# Workspace layout, int32 per (row, KV head); zeroed by the launcher before every call. The
+# histogram holds the level-1 bins during scoring, then (zeroed by the scoring pass's last
+# program) the level-2 digits during compaction.
+WS_HIST = tl.constexpr(0)
+WS_TICKET1 = tl.constexpr(4096)
+WS_TICKET2 = tl.constexpr(4096 + 1)
+WS_TICKET3 = tl.constexpr(4096 + 2)
+WS_B1 = tl.constexpr(4096 + 3)
+WS_A1 = tl.constexpr(4096 + 4)
+WS_CNT_ABOVE = tl.constexpr(4096 + 5)
+WS_CNT_BIN = tl.constexpr(4096 + 6)
+WS_BIN_MIN = tl.constexpr(4096 + 7)  # min / max key of the members of b1 (then of b2)
+WS_BIN_MAX = tl.constexpr(4096 + 8)
+WS_DEFERRED = tl.constexpr(4096 + 9)  # 1: the boundary pass resolves the row
+WS_B2 = tl.constexpr(4096 + 10)
+WS_A2 = tl.constexpr(4096 + 11)
+WS_CNT_ABOVE2 = tl.constexpr(4096 + 12)
+WS_CNT_BIN2 = tl.constexpr(4096 + 13)
+# Work counters (read by tests and benchmarks through score_select.selection_work).
+WS_N_CAND = tl.constexpr(4096 + 16)  # candidates of the row
+WS_N_WINDOW = tl.constexpr(4096 + 17)  # candidates binned in the scoring programs' register windows
+WS_N_PARALLEL = tl.constexpr(4096 + 18)  # boundary-bin members the boundary pass split in parallel
+WS_N_SCAN = tl.constexpr(4096 + 19)  # boundary-bin members a row's last program scanned serially
+WS_N_SELECT = tl.constexpr(4096 + 20)  # keys that entered the serial radix select
+WS_N_PASSES = tl.constexpr(4096 + 21)  # radix passes of that select
+WS_STRIDE = tl.constexpr(4096 + 24)
 
 _INT32_MAX = tl.constexpr(2147483647)
 _INT32_MIN = tl.constexpr(-2147483648)
@@ -58,24 +90,30 @@ def _order_key(score):
 
 
 @triton.jit
-def _coarse_bin(key):
-    """Monotone map of an order key to [0, NB1): see the comment on NB1."""
+def _norm_mag(key):
+    """(negative, code): the sign of an order key and a 23-bit log-scale code of its magnitude,
+    monotone: ``octave index << 14 | 14 mantissa bits``, where normal floats have octave index
+    ``exponent + 23`` and a subnormal ``m * 2^-149`` the index ``bit_length(m)`` with the bits
+    after its leading one as mantissa (its exact float conversion normalises it). Zero is 0."""
     neg = key < 0
-    mag = tl.where(neg, key ^ 0x7FFFFFFF, key) & 0x7FFFFFFF
-    code = mag >> 21
-    mc = tl.minimum(tl.maximum(code - (_CODE_LO - 1), 0), _NREG + 1)
-    return tl.where(neg, 127 - mc, 128 + mc)
+    m = tl.where(neg, key ^ 0x7FFFFFFF, key) & 0x7FFFFFFF
+    sub = (m.to(tl.float32).to(tl.int32, bitcast=True) >> 9) - (126 << 14)
+    nm = tl.where(m >= (1 << 23), (m >> 9) + (23 << 14), sub)
+    return neg, tl.where(m == 0, 0, nm)
 
 
 @triton.jit
-def _is_regular_bin(b):
-    mc = tl.where(b >= 128, b - 128, 127 - b)
-    return (mc >= 1) & (mc <= _NREG)
+def _norm_code(key):
+    """Signed log-scale code of an order key, monotone in the score: the magnitude code of
+    ``_norm_mag``, negated (``-1 - code``) for negative scores. Bits 22.. are the level-1 bin
+    (``>> 12``, offset by 2048), bits 11..0 the level-2 digit."""
+    neg, nm = _norm_mag(key)
+    return tl.where(neg, -1 - nm, nm)
 
 
 @triton.jit
-def _fine_digit(key):
-    return (key >> _FINE_SHIFT) & (NB2 - 1)
+def _level1_bin(code):
+    return (code >> 12) + 2048
 
 
 @triton.jit
@@ -89,6 +127,26 @@ def _threshold_bin(hist, need, NB: tl.constexpr):
     t = tl.max(tl.where(suffix >= need, idx, -1), 0)
     above = tl.sum(tl.where(idx > t, hist, 0), 0)
     return t, above
+
+
+@triton.jit
+def _threshold_bin_mem(ptr, need, NB: tl.constexpr, BLK: tl.constexpr, ZERO: tl.constexpr):
+    """``_threshold_bin`` of ``NB`` bins in memory, loaded at once (one round trip) as
+    ``NB / BLK`` blocks: the block holding the threshold first, then the bin inside it (a flat
+    cumsum over 4096 bins spills): ``(t, above, total)``, ``t = -1`` when ``total < need``.
+    ``ZERO``: clear the bins after reading them."""
+    NBLK: tl.constexpr = NB // BLK
+    blocks = tl.arange(0, NBLK)
+    idx = blocks[:, None] * BLK + tl.arange(0, BLK)[None, :]
+    h = tl.load(ptr + idx, cache_modifier=".cg")
+    if ZERO:
+        tl.store(ptr + idx, tl.zeros([NBLK, BLK], tl.int32))
+    sums = tl.sum(h, axis=1)
+    tb, above = _threshold_bin(sums, need, NBLK)
+    t_in, above_in = _threshold_bin(tl.sum(tl.where(blocks[:, None] == tb, h, 0), axis=0), need - above, BLK)
+    total = tl.sum(sums, 0)
+    found = total >= need
+    return tl.where(found, tb * BLK + t_in, -1), tl.where(found, above + above_in, total), total
 
 
 @triton.jit
@@ -132,7 +190,8 @@ def _score_hist_kernel(
     # Programs stride over the chunks of their row's candidates only: T is a capacity (a static
     # cache, SGLang's table width) that the rows may fill only partly, and unused chunks must cost
     # nothing, not even an idle program.
-    hist = tl.zeros([NB1], tl.int32)
+    hist = tl.zeros([NB_REFINE], tl.int32)
+    base = tl.full([], -1, tl.int32)  # first magnitude code of the window; set by the first chunk
     c = lo // CHUNK + p
     while c * CHUNK < hi:
         offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -161,25 +220,47 @@ def _score_hist_kernel(
             best = tl.maximum(best, tl.sum(sk * qg[None, :], axis=1))
         key = _order_key(best)
         tl.store(keys_ptr + row.to(tl.int64) * T + offs, key, mask=cand)
-        hist += tl.histogram(_coarse_bin(key), NB1, mask=cand)
+        bin1 = _level1_bin(_norm_code(key))
+        if base < 0:
+            # Anchor the window on this program's first chunk: its top sits 3 octaves above the
+            # largest magnitude, so a scaled row gets a window shifted by the same octaves.
+            mc = tl.where(bin1 >= 2048, bin1 - 2048, 2047 - bin1)
+            top = tl.max(tl.where(cand, mc, 0), 0) + _WIN_HEADROOM
+            base = tl.minimum(tl.maximum(top - (_WIN - 1), 1), _MC_TOP + 1 - _WIN)
+        # Window bins: 0..126 negative codes base+126..base, 127 -0, 128 +0, 129..255 positive
+        # codes base..base+126, i.e. bin1 - 1921 + base, bin1 - 1920, bin1 - 1919 - base.
+        pos_lo = 2048 + base
+        neg_hi = 2047 - base
+        wbin = bin1 - tl.where(bin1 >= pos_lo, 1919 + base, tl.where(bin1 <= neg_hi, 1921 - base, 1920))
+        in_win = (wbin >= 0) & (wbin < NB_REFINE) & ((bin1 >= pos_lo) | (bin1 <= neg_hi) | (((bin1 - 2047) >> 1) == 0))
+        hist += tl.histogram(wbin, NB_REFINE, mask=cand & in_win)
+        # Outside the window (rare unless a row mixes magnitudes 2^30 apart, or the first chunk
+        # holds an outlier): one atomic each, correct whatever the data.
+        tl.atomic_add(ws_row + WS_HIST + bin1, 1, mask=cand & (in_win == 0), sem="relaxed")
         c += n_prog
-    tl.atomic_add(ws_row + WS_HIST1 + tl.arange(0, NB1), hist, mask=hist > 0, sem="relaxed")
+    # Window bins back to level-1 bins (2047 - code for negative codes, 2048 + code for positive).
+    wb = tl.arange(0, NB_REFINE)
+    g1 = wb + tl.where(wb >= _WIN + 2, 1919 + base, tl.where(wb >= _WIN, 1920, 1921 - base))
+    tl.atomic_add(ws_row + WS_HIST + g1, hist, mask=hist > 0, sem="relaxed")
+    tl.atomic_add(ws_row + WS_N_WINDOW, tl.sum(hist, 0), sem="relaxed")
 
-    # Last program of the row: every histogram update of the row is visible after the ticket.
+    # Last program: every histogram update of the row is visible after the ticket.
     tl.debug_barrier()
     ticket = tl.atomic_add(ws_row + WS_TICKET1, 1, sem="acq_rel")
     if ticket == n_prog - 1:
-        hist = tl.load(ws_row + WS_HIST1 + tl.arange(0, NB1), cache_modifier=".cg")
         k_row = _row_budget(bpr_ptr, b, k, HAS_BPR)
-        total = tl.sum(hist, 0)
-        t, above = _threshold_bin(hist, k_row, NB1)
-        # b1 = -1: every candidate fits the budget; b1 = NB1: nothing is selected.
+        # Cleared as it is read: the compaction pass histograms the level-2 digits in its place.
+        t, above, total = _threshold_bin_mem(ws_row + WS_HIST, k_row, NBG, NB_REFINE, True)
+        # b1 = -1: every candidate fits the budget; b1 = NBG: nothing is selected.
         b1 = tl.where(total <= k_row, -1, t)
         a1 = tl.where(total <= k_row, total, above)
-        b1 = tl.where(k_row <= 0, NB1, b1)
+        b1 = tl.where(k_row <= 0, NBG, b1)
         a1 = tl.where(k_row <= 0, 0, a1)
         tl.store(ws_row + WS_B1, b1)
         tl.store(ws_row + WS_A1, a1)
+        tl.store(ws_row + WS_N_CAND, total)
+        tl.store(ws_row + WS_BIN_MIN, _INT32_MAX)
+        tl.store(ws_row + WS_BIN_MAX, _INT32_MIN)
 
 
 @triton.jit
@@ -195,10 +276,12 @@ def _bit_length(x):
 def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK: tl.constexpr):
     """Write the ``need`` positions with the largest keys among the ``n`` positions at ``pos_ptr``
     (keys gathered from ``keys_row``) to ``out_row[written:]``; ties at the threshold are broken by
-    buffer order. Returns ``written`` advanced by ``min(need, n)``.
+    buffer order. Returns ``written`` advanced by ``min(need, n)``, and the number of radix passes
+    (-1 when no select was needed).
 
     Serial radix select: 8 bits per pass over the live key interval [base, base + width], starting
     from the members' own min/max so that a narrow set needs few passes and all-equal keys none."""
+    passes = tl.full([], -1, tl.int32)
     if need >= n:
         i = tl.zeros([], tl.int32)
         while i < n:
@@ -209,6 +292,7 @@ def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK
             i += BLOCK
         written += n
     elif need > 0:
+        passes = tl.zeros([], tl.int32)
         kmin = tl.full([], _INT32_MAX, tl.int32)
         kmax = tl.full([], _INT32_MIN, tl.int32)
         i = tl.zeros([], tl.int32)
@@ -241,6 +325,7 @@ def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK
             t_lo = t.to(tl.int64) << shift
             base += t_lo
             width = tl.minimum(width - t_lo, (one << shift) - 1)
+            passes += 1
         thr = base.to(tl.int32)
         eq_seen = tl.zeros([], tl.int32)
         i = tl.zeros([], tl.int32)
@@ -259,42 +344,39 @@ def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK
             written += tl.sum(take_i, 0)
             eq_seen += tl.sum(eq_i, 0)
             i += BLOCK
-    return written
+    return written, passes
 
 
 @triton.jit
-def _finish_row(ws_row, side, keys_row, out_row, stride_ok, b1, k_row, k, BLOCK: tl.constexpr):
-    a1 = tl.load(ws_row + WS_A1)
-    n = tl.load(ws_row + WS_CNT_BIN, cache_modifier=".cg")
-    need = tl.maximum(k_row - a1, 0)
-    written = a1
-    if need > 0:
-        if _is_regular_bin(b1):
-            hist2 = tl.load(ws_row + WS_HIST2 + tl.arange(0, NB2), cache_modifier=".cg")
-            b2, a2 = _threshold_bin(hist2, need, NB2)
-            # Members above b2 are selected; members in b2 are compacted in place to the front of
-            # the side buffer (a block is fully read before the barrier and lands below its end).
-            kept = tl.zeros([], tl.int32)
-            i = tl.zeros([], tl.int32)
-            while i < n:
-                offs = i + tl.arange(0, BLOCK)
-                m = offs < n
-                pos = tl.load(side + offs, mask=m, other=0, cache_modifier=".cg")
-                d2 = _fine_digit(tl.load(keys_row + pos, mask=m, other=0))
-                gt = m & (d2 > b2)
-                eq = m & (d2 == b2)
-                gt_i = gt.to(tl.int32)
-                eq_i = eq.to(tl.int32)
-                tl.store(out_row + (written + tl.cumsum(gt_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=gt)
-                written += tl.sum(gt_i, 0)
-                tl.debug_barrier()
-                tl.store(side + kept + tl.cumsum(eq_i, 0) - 1, pos, mask=eq)
-                kept += tl.sum(eq_i, 0)
-                i += BLOCK
-            tl.debug_barrier()
-            n = kept
-            need = need - a2
-        written = _select_exact(side, keys_row, n, need, out_row, stride_ok, written, BLOCK)
+def _split_serial(side, n, keys_row, out_row, stride_ok, written, need, b2, BLOCK: tl.constexpr):
+    """One program resolves the boundary bin: its ``n`` members at ``side`` whose level-2 digit is
+    above ``b2`` go to ``out_row[written:]``, those in ``b2`` are compacted in place to the front of
+    the side buffer (a block is fully read before the barrier and lands below its end), and the
+    serial radix select takes the ``need`` best of them. Returns ``(written, kept, passes)``."""
+    kept = tl.zeros([], tl.int32)
+    i = tl.zeros([], tl.int32)
+    while i < n:
+        offs = i + tl.arange(0, BLOCK)
+        m = offs < n
+        pos = tl.load(side + offs, mask=m, other=0, cache_modifier=".cg")
+        d2 = _norm_code(tl.load(keys_row + pos, mask=m, other=0)) & (NB2 - 1)
+        gt = m & (d2 > b2)
+        eq = m & (d2 == b2)
+        gt_i = gt.to(tl.int32)
+        eq_i = eq.to(tl.int32)
+        tl.store(out_row + (written + tl.cumsum(gt_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=gt)
+        written += tl.sum(gt_i, 0)
+        tl.debug_barrier()
+        tl.store(side + kept + tl.cumsum(eq_i, 0) - 1, pos, mask=eq)
+        kept += tl.sum(eq_i, 0)
+        i += BLOCK
+    tl.debug_barrier()
+    written, passes = _select_exact(side, keys_row, kept, need, out_row, stride_ok, written, BLOCK)
+    return written, kept, passes
+
+
+@triton.jit
+def _pad_row(out_row, stride_ok, written, k, BLOCK: tl.constexpr):
     i = written + tl.zeros([], tl.int32)
     while i < k:
         offs = i + tl.arange(0, BLOCK)
@@ -303,10 +385,55 @@ def _finish_row(ws_row, side, keys_row, out_row, stride_ok, b1, k_row, k, BLOCK:
 
 
 @triton.jit
+def _store_work(ws_row, n_scan, n_select, passes):
+    tl.store(ws_row + WS_N_SCAN, n_scan)
+    tl.store(ws_row + WS_N_SELECT, tl.where(passes >= 0, n_select, 0))
+    tl.store(ws_row + WS_N_PASSES, tl.maximum(passes, 0))
+
+
+@triton.jit
+def _finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, BLOCK: tl.constexpr):
+    """Last compaction program of a row: completes the row's output, or leaves a boundary bin of
+    more than ``serial_cap`` members to the boundary pass (``b2`` and ``a2`` in the workspace)."""
+    a1 = tl.load(ws_row + WS_A1)
+    n = tl.load(ws_row + WS_CNT_BIN, cache_modifier=".cg")
+    need = tl.maximum(k_row - a1, 0)
+    written = a1
+    n_scan = tl.zeros([], tl.int32)
+    n_select = tl.zeros([], tl.int32)
+    passes = tl.full([], -1, tl.int32)
+    deferred = tl.zeros([], tl.int32)
+    if need > 0:
+        bin_min = tl.load(ws_row + WS_BIN_MIN, cache_modifier=".cg")
+        bin_max = tl.load(ws_row + WS_BIN_MAX, cache_modifier=".cg")
+        if (n <= need) | (bin_min == bin_max):
+            # The compaction programs already wrote the first `need` members of b1 after the a1
+            # positions above it: when they all fit, or all tie, that is the answer.
+            written += tl.minimum(n, need)
+        else:
+            b2, a2, _ = _threshold_bin_mem(ws_row + WS_HIST, need, NB2, NB_REFINE, False)
+            if n > serial_cap:
+                # Too many members for one program: the boundary pass splits them in parallel.
+                tl.store(ws_row + WS_B2, b2)
+                tl.store(ws_row + WS_A2, a2)
+                tl.store(ws_row + WS_BIN_MIN, _INT32_MAX)  # reused for the members of b2
+                tl.store(ws_row + WS_BIN_MAX, _INT32_MIN)
+                tl.store(ws_row + WS_DEFERRED, 1)
+                tl.store(ws_row + WS_N_PARALLEL, n)
+                deferred += 1
+            else:
+                written, n_select, passes = _split_serial(side, n, keys_row, out_row, stride_ok, written, need - a2, b2, BLOCK)
+                n_scan = n
+    if deferred == 0:
+        _store_work(ws_row, n_scan, n_select, passes)
+        _pad_row(out_row, stride_ok, written, k, BLOCK)
+
+
+@triton.jit
 def _compact_kernel(
     start_ptr, end_ptr, bpr_ptr, keys_ptr, ws_ptr, side_ptr,
     out_ptr, stride_ob, stride_oh, stride_ok,
-    T, sinks, window, k,
+    T, side_stride, sinks, window, k, serial_cap,
     H_KV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_BPR: tl.constexpr,
 ):
     h = tl.program_id(0)
@@ -317,18 +444,23 @@ def _compact_kernel(
     ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     out_row = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     keys_row = keys_ptr + row.to(tl.int64) * T
-    side = side_ptr + row.to(tl.int64) * T
+    side = side_ptr + row.to(tl.int64) * side_stride
     b1 = tl.load(ws_row + WS_B1)
+    a1 = tl.load(ws_row + WS_A1)
+    k_row = _row_budget(bpr_ptr, b, k, HAS_BPR)
+    need = k_row - a1  # boundary slots: the members of b1 provisionally fill [a1, a1 + need)
+    out_bnd = out_row + a1.to(tl.int64) * stride_ok
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
-    if b1 >= NB1:  # nothing to select: skip straight to the ticket
+    if b1 >= NBG:  # nothing to select: skip straight to the ticket
         hi = lo
     c = lo // CHUNK + p
     while c * CHUNK < hi:
         offs = c * CHUNK + tl.arange(0, CHUNK)
         cand = (offs >= lo) & (offs < hi)
         key = tl.load(keys_row + offs, mask=cand, other=0)
-        digit = _coarse_bin(key)
-        above = cand & (digit > b1)
+        code = _norm_code(key)
+        bin1 = _level1_bin(code)
+        above = cand & (bin1 > b1)
         above_i = above.to(tl.int32)
         n_above = tl.sum(above_i, 0)
         if n_above > 0:
@@ -336,18 +468,102 @@ def _compact_kernel(
             base = tl.atomic_add(ws_row + WS_CNT_ABOVE, n_above, sem="relaxed")
             dst = base + tl.cumsum(above_i, 0) - 1
             tl.store(out_row + dst.to(tl.int64) * stride_ok, offs, mask=above)
-        member = cand & (digit == b1)
+        member = cand & (bin1 == b1)
         member_i = member.to(tl.int32)
         n_member = tl.sum(member_i, 0)
         if n_member > 0:
             base = tl.atomic_add(ws_row + WS_CNT_BIN, n_member, sem="relaxed")
-            tl.store(side + base + tl.cumsum(member_i, 0) - 1, offs, mask=member)
-            if _is_regular_bin(b1):
-                tl.atomic_add(ws_row + WS_HIST2 + _fine_digit(key), 1, mask=member, sem="relaxed")
+            slot = base + tl.cumsum(member_i, 0) - 1
+            tl.store(side + slot, offs, mask=member)
+            # Provisional boundary: final when the members all fit or all tie (see _finish_row).
+            tl.store(out_bnd + slot * stride_ok, offs, mask=member & (slot < need))
+            kmin = tl.min(tl.where(member, key, _INT32_MAX), 0)
+            kmax = tl.max(tl.where(member, key, _INT32_MIN), 0)
+            tl.atomic_min(ws_row + WS_BIN_MIN, kmin, sem="relaxed")
+            tl.atomic_max(ws_row + WS_BIN_MAX, kmax, sem="relaxed")
+            d_lo = _norm_code(kmin) & (NB2 - 1)
+            d_hi = _norm_code(kmax) & (NB2 - 1)
+            if d_lo == d_hi:  # one digit (ties, a narrow bin): one atomic instead of n_member
+                tl.atomic_add(ws_row + WS_HIST + d_lo, n_member, sem="relaxed")
+            else:
+                tl.atomic_add(ws_row + WS_HIST + (code & (NB2 - 1)), 1, mask=member, sem="relaxed")
         c += n_prog
 
     tl.debug_barrier()
     ticket = tl.atomic_add(ws_row + WS_TICKET2, 1, sem="acq_rel")
     if ticket == n_prog - 1:
+        _finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, BLOCK)
+
+
+@triton.jit
+def _boundary_kernel(
+    bpr_ptr, keys_ptr, ws_ptr, side_ptr,
+    out_ptr, stride_ob, stride_oh, stride_ok,
+    T, k,
+    H_KV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_BPR: tl.constexpr,
+):
+    """Rows whose boundary bin was too crowded for one program (``_finish_row``): split its members
+    by their level-2 digit in parallel. Members above ``b2`` go to the output, members of ``b2``
+    after them in the side buffer (and provisionally into the output, final if they all fit or
+    tie); the last program radix-selects among those. Other rows return at once."""
+    h = tl.program_id(0)
+    p = tl.program_id(1)
+    b = tl.program_id(2)
+    n_prog = tl.num_programs(1)
+    row = b * H_KV + h
+    ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
+    if tl.load(ws_row + WS_DEFERRED) != 0:
+        out_row = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        keys_row = keys_ptr + row.to(tl.int64) * T
+        side = side_ptr + row.to(tl.int64) * (2 * T)  # [members of b1 | members of b2]
+        side2 = side + T
+        n = tl.load(ws_row + WS_CNT_BIN)
+        a1 = tl.load(ws_row + WS_A1)
+        b2 = tl.load(ws_row + WS_B2)
+        a2 = tl.load(ws_row + WS_A2)
         k_row = _row_budget(bpr_ptr, b, k, HAS_BPR)
-        _finish_row(ws_row, side, keys_row, out_row, stride_ok, b1, k_row, k, BLOCK)
+        need2 = k_row - a1 - a2
+        out_gt = out_row + a1.to(tl.int64) * stride_ok
+        out_eq = out_row + (a1 + a2).to(tl.int64) * stride_ok
+        c = p
+        while c * CHUNK < n:
+            idx = c * CHUNK + tl.arange(0, CHUNK)
+            m = idx < n
+            pos = tl.load(side + idx, mask=m, other=0)
+            key = tl.load(keys_row + pos, mask=m, other=0)
+            d2 = _norm_code(key) & (NB2 - 1)
+            gt = m & (d2 > b2)
+            gt_i = gt.to(tl.int32)
+            n_gt = tl.sum(gt_i, 0)
+            if n_gt > 0:  # exactly a2 of them in all
+                base = tl.atomic_add(ws_row + WS_CNT_ABOVE2, n_gt, sem="relaxed")
+                tl.store(out_gt + (base + tl.cumsum(gt_i, 0) - 1) * stride_ok, pos, mask=gt)
+            eq = m & (d2 == b2)
+            eq_i = eq.to(tl.int32)
+            n_eq = tl.sum(eq_i, 0)
+            if n_eq > 0:
+                base = tl.atomic_add(ws_row + WS_CNT_BIN2, n_eq, sem="relaxed")
+                slot = base + tl.cumsum(eq_i, 0) - 1
+                tl.store(side2 + slot, pos, mask=eq)
+                tl.store(out_eq + slot * stride_ok, pos, mask=eq & (slot < need2))
+                tl.atomic_min(ws_row + WS_BIN_MIN, tl.min(tl.where(eq, key, _INT32_MAX), 0), sem="relaxed")
+                tl.atomic_max(ws_row + WS_BIN_MAX, tl.max(tl.where(eq, key, _INT32_MIN), 0), sem="relaxed")
+            c += n_prog
+
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ws_row + WS_TICKET3, 1, sem="acq_rel")
+        if ticket == n_prog - 1:
+            n2 = tl.load(ws_row + WS_CNT_BIN2, cache_modifier=".cg")
+            bin_min = tl.load(ws_row + WS_BIN_MIN, cache_modifier=".cg")
+            bin_max = tl.load(ws_row + WS_BIN_MAX, cache_modifier=".cg")
+            written = a1 + a2
+            n_scan = tl.zeros([], tl.int32)
+            n_select = tl.zeros([], tl.int32)
+            passes = tl.full([], -1, tl.int32)
+            if (n2 <= need2) | (bin_min == bin_max):
+                written += tl.minimum(n2, need2)
+            else:
+                written, passes = _select_exact(side2, keys_row, n2, need2, out_row, stride_ok, written, BLOCK)
+                n_select = n2
+            _store_work(ws_row, n_scan, n_select, passes)
+            _pad_row(out_row, stride_ok, written, k, BLOCK)

@@ -19,11 +19,22 @@ from butler_kernels import reference
 from butler_kernels._checks import check_out, check_score_select
 from butler_kernels._triton_loader import Launch, num_sms, run_launches, scratch
 
-__all__ = ["SelectConfig", "default_select_config", "score_select_triton", "score_select_reference", "workspace_bytes"]
+__all__ = [
+    "SelectConfig",
+    "SelectionWork",
+    "default_select_config",
+    "score_select_triton",
+    "score_select_reference",
+    "selection_work",
+    "workspace_bytes",
+]
 
 _KERNELS = "_score_select_kernels"
-# The kernel module's WS_STRIDE (tests check that both agree).
-_WS_STRIDE = 256 + 4096 + 8
+# The kernel module's WS_STRIDE and first work counter (tests check that both agree).
+_WS_STRIDE = 4096 + 24
+_WS_N_CAND = 4096 + 16
+_N_COUNTERS = 6
+_INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -36,12 +47,17 @@ class SelectConfig:
     warps_score: int = 8
     warps_compact: int = 8
     programs_per_row: int = 0  # per (row, KV head) and kernel; 0: enough for ~8 per SM
+    # Boundary bins of more members than this are split by a third, parallel pass instead of the
+    # row's last compaction program; None: never (two launches, one program always finishes).
+    serial_cap: int | None = 2048
 
     def __post_init__(self) -> None:
         for name in ("chunk_score", "chunk_compact", "block_finish"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"SelectConfig.{name} must be a power of two >= 16, got {v}")
+        if self.serial_cap is not None and self.serial_cap < 0:
+            raise ValueError(f"SelectConfig.serial_cap must be >= 0 or None, got {self.serial_cap}")
 
 
 def default_select_config(rows: int, length: int, device, sms: int | None = None) -> SelectConfig:
@@ -63,7 +79,7 @@ def default_select_config(rows: int, length: int, device, sms: int | None = None
 
 def workspace_bytes(batch: int, num_kv_heads: int, length: int) -> int:
     """Scratch memory one call allocates (keys, boundary positions, histograms): 8 bytes per
-    (row, KV head, position of the cache or table) plus ~17 KB per (row, KV head)."""
+    (row, KV head, position of the cache or table) plus ~16 KB per (row, KV head)."""
     rows = batch * num_kv_heads
     return rows * (2 * length + _WS_STRIDE) * 4
 
@@ -102,9 +118,13 @@ def score_select_triton(
     return out
 
 
-def select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg: SelectConfig) -> list[Launch]:
-    """Scratch buffers and the two kernel launches of one selection (checked arguments, k >= 1).
-    Separate from the launch itself so that ``_compile_check`` builds exactly what runs."""
+def select_launches(
+    q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg: SelectConfig, ws=None
+) -> list[Launch]:
+    """Scratch buffers and the kernel launches of one selection (checked arguments, k >= 1): score,
+    compact and, unless ``cfg.serial_cap`` is None, the boundary pass.
+    Separate from the launch itself so that ``_compile_check`` builds exactly what runs. ``ws``: a
+    zeroed ``[rows, _WS_STRIDE]`` int32 workspace to use (``selection_work`` reads it back)."""
     device = q_sel.device
     b, h_kv = out.shape[0], out.shape[1]
     rows = b * h_kv
@@ -114,10 +134,13 @@ def select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sink
         budget_per_row = budget_per_row.contiguous()
     paged = sketch.dim() == 3
     t = token_table.shape[1] if paged else sketch.shape[2]
-    ws = torch.zeros((rows, _WS_STRIDE), dtype=torch.int32, device=device)
+    if ws is None:
+        ws = torch.zeros((rows, _WS_STRIDE), dtype=torch.int32, device=device)
     # max(t, 1): an empty cache still needs valid pointers.
     keys = scratch((rows, max(t, 1)), torch.int32, device)
-    side = scratch((rows, max(t, 1)), torch.int32, device)
+    # Positions of the boundary bin's members; with the boundary pass, then those of its sub-bin.
+    side_stride = (1 if cfg.serial_cap is None else 2) * max(t, 1)
+    side = scratch((rows, side_stride), torch.int32, device)
     if paged:
         sk_strides = (sketch.stride(0), sketch.stride(1), 0, sketch.stride(2))
         tt, tt_strides = token_table, (token_table.stride(0), token_table.stride(1))
@@ -129,7 +152,8 @@ def select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sink
     dp = q_sel.shape[-1]
     n1 = _programs_per_row(t, cfg.chunk_score, rows, device, cfg.programs_per_row)
     n2 = _programs_per_row(t, cfg.chunk_compact, rows, device, cfg.programs_per_row)
-    return [
+    serial_cap = _INT32_MAX if cfg.serial_cap is None else min(cfg.serial_cap, _INT32_MAX)
+    launches = [
         Launch(
             "_score_hist_kernel", (h_kv, n1, b),
             (q_sel, *q_sel.stride(), sketch, *sk_strides, tt, *tt_strides, start, end, bpr, keys, ws, t, sinks, window, k),
@@ -138,11 +162,73 @@ def select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sink
         ),
         Launch(
             "_compact_kernel", (h_kv, n2, b),
-            (start, end, bpr, keys, ws, side, out, *out.stride(), t, sinks, window, k),
+            (start, end, bpr, keys, ws, side, out, *out.stride(), t, side_stride, sinks, window, k, serial_cap),
             dict(H_KV=h_kv, CHUNK=cfg.chunk_compact, BLOCK=cfg.block_finish, HAS_BPR=has_bpr,
                  num_warps=cfg.warps_compact, num_stages=1),
         ),
     ]
+    if cfg.serial_cap is not None:
+        launches.append(
+            Launch(
+                "_boundary_kernel", (h_kv, n2, b),
+                (bpr, keys, ws, side, out, *out.stride(), max(t, 1), k),
+                dict(H_KV=h_kv, CHUNK=cfg.chunk_compact, BLOCK=cfg.block_finish, HAS_BPR=has_bpr,
+                     num_warps=cfg.warps_compact, num_stages=1),
+            )
+        )
+    return launches
+
+
+@dataclass
+class SelectionWork:
+    """Per (row, KV head) work counters of one selection, ``[B, H_kv]`` int64 tensors (see
+    ``selection_work``). Deterministic: they depend on the scores, not on the launch or timing."""
+
+    candidates: torch.Tensor  # candidates of the row ([sink_hi, win_lo) clipped to the cache)
+    windowed: torch.Tensor  # candidates the scoring programs binned in registers (the rest: one atomic each)
+    parallel: torch.Tensor  # boundary-bin members split by the parallel boundary pass (0: not needed)
+    scanned: torch.Tensor  # boundary-bin members a row's last program scanned serially
+    selected: torch.Tensor  # keys that entered the serial radix select
+    passes: torch.Tensor  # radix passes of that select (8 bits each)
+
+    @property
+    def serial(self) -> torch.Tensor:
+        """Candidates that reached the serial stage: members scanned plus keys radix-selected."""
+        return self.scanned + self.selected
+
+    def serial_fraction(self) -> float:
+        """Largest ``serial / candidates`` over the rows (0 for rows without candidates)."""
+        frac = self.serial.double() / self.candidates.clamp(min=1).double()
+        return float(frac.max()) if frac.numel() else 0.0
+
+
+def selection_work(
+    q_sel: torch.Tensor,
+    sketch: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    sinks: int,
+    window: int,
+    k: int,
+    token_table: torch.Tensor | None = None,
+    budget_per_row: torch.Tensor | None = None,
+    index_dtype: torch.dtype = torch.int32,
+    config: SelectConfig | None = None,
+) -> tuple[torch.Tensor, SelectionWork]:
+    """``score_select_triton`` that also returns the work counters its kernels leave in the
+    workspace (a test and benchmark helper: it reads them back, so it syncs with the device)."""
+    b, h_kv, t, _ = check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype)
+    device = q_sel.device
+    out = torch.empty((b, h_kv, k), dtype=index_dtype, device=device)
+    ws = torch.zeros((b * h_kv, _WS_STRIDE), dtype=torch.int32, device=device)
+    if k > 0 and b > 0:
+        cfg = config or default_select_config(b * h_kv, t, device)
+        run_launches(
+            _KERNELS, select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg, ws)
+        )
+    counters = ws[:, _WS_N_CAND : _WS_N_CAND + _N_COUNTERS].to(torch.int64).reshape(b, h_kv, _N_COUNTERS).unbind(-1)
+    return out, SelectionWork(*counters)
 
 
 def score_select_reference(

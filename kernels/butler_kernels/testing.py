@@ -1,5 +1,8 @@
 """Checks of a selection against the reference, for tests and benchmarks (kernels and integrations).
 
+``selection_work`` (re-exported from ``score_select``) runs the Triton selection and returns its
+deterministic work counters, e.g. how many candidates reached the serial boundary stage.
+
 A fast selection may order its positions freely and may break ties (or last-bit rounding
 differences of the scores) differently from ``torch.topk``, so it is compared as a set of scores,
 not of positions: the reference scores of the selected positions, sorted, must equal the top
@@ -13,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from butler_kernels import reference
+from butler_kernels.score_select import SelectionWork, selection_work
 
-__all__ = ["SelectionCheck", "check_selection"]
+__all__ = ["SelectionCheck", "SelectionWork", "check_selection", "selection_work"]
 
 
 @dataclass
@@ -60,7 +64,8 @@ def check_selection(
     """Compare ``sel [B, H_kv, k]`` (positions first, then ``-1``) with the reference top-k.
 
     ``tolerance`` (absolute, on fp32 scores) defaults to a few ulps of the largest score magnitude,
-    enough for a different summation order of ``<q~, sketch>``."""
+    enough for a different summation order of ``<q~, sketch>``; relative to that magnitude, so that
+    the check keeps its meaning for scores of any scale (0 when every score is 0)."""
     dense = reference.gather_positions(sketch, token_table)
     b, h_kv, t, _ = dense.shape
     scores = reference.score_tokens(q_sel, dense, h_kv)  # [B, H_kv, T] fp32
@@ -94,5 +99,5 @@ def check_selection(
     max_err = float(err.max()) if err.numel() else 0.0
     if tolerance is None:
         magnitude = float(scores.abs().max()) if scores.numel() else 0.0
-        tolerance = 1e-5 * max(1.0, magnitude)
+        tolerance = 1e-5 * magnitude
     return SelectionCheck(b * h_kv, bad_count, bad_layout, not_candidate, max_err, tolerance)
