@@ -335,5 +335,13 @@ def test_torch_compile_fullgraph(mode):
         out_c, sel_c = compiled(*inputs)
         out_e, sel_e = _step(*inputs)
         assert torch.equal(torch.sort(sel_c, -1).values, torch.sort(sel_e, -1).values)
-        assert _rel_err(out_c, out_e) < 1e-3
+        # The atomic compaction orders the set differently run to run, and bf16 sums round with the
+        # order (see test_cuda_graph_capture_and_replay); over the compiled run's own order, eager
+        # attention must give the same bits.
+        assert _rel_err(out_c, out_e) < 1e-2
+        q, kbuf, vbuf, _, _, start, end = inputs
+        out_same, _ = sparse_decode(
+            q, kbuf, vbuf, None, None, start, end, sinks=64, window=256, budget=700, scale=128**-0.5, selection=sel_c
+        )
+        assert torch.equal(out_c, out_same)
     _RESULTS.append(("torch.compile fullgraph", str(mode), "equal to eager"))
