@@ -82,6 +82,7 @@ class Result:
     ms: dict = field(default_factory=dict)  # name -> median milliseconds per step
     bytes: dict = field(default_factory=dict)
     tuned: dict = field(default_factory=dict)
+    kernels: dict = field(default_factory=dict)  # GPU kernel name -> microseconds per step (--profile)
     skipped: str = ""
 
 
@@ -110,6 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--max-copies", type=int, default=32)
     p.add_argument("--peak-tbps", type=float, default=3.0, help="bandwidth the floor is computed at (H100 copy: ~3.0)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--profile", action="store_true",
+                   help="also list the GPU time of every kernel of one step (torch.profiler over CUDA-graph replays)")
     p.add_argument("--tune", action="store_true", help="also sweep kernel configurations; report the best next to the default")
     p.add_argument("--json", default=None, help="JSON output path (default: $OUT/bench_kernels.json when OUT is set)")
     p.add_argument("--seed", type=int, default=0)
@@ -261,6 +264,36 @@ def bench_graph(fn, copies: int) -> float:
     return ms
 
 
+def profile_kernels(fn, copies: int, replays: int = 20) -> dict:
+    """Microseconds per step of each GPU kernel, from torch.profiler over replays of a CUDA graph
+    that holds one step per copy (the launch sequence SGLang and a compiled step see)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name] = per.get(ev.name, 0.0) + ev.device_time
+    del graph
+    steps = replays * copies
+    return {name: us / steps for name, us in sorted(per.items(), key=lambda kv: -kv[1])}
+
+
 def verify(x: Inputs, s: Shape, scale: float) -> tuple[str, float, str]:
     sel = ours_select(x, s)
     check = check_selection(
@@ -277,16 +310,22 @@ def verify(x: Inputs, s: Shape, scale: float) -> tuple[str, float, str]:
     return str(check), rel, work_str
 
 
-def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
-    """Sweep a few launch configurations of each kernel; keep the fastest next to the default."""
+def tune(xs: list[Inputs], s: Shape, scale: float, copies: int, graph: bool = True) -> dict:
+    """Sweep a few launch configurations of each kernel; keep the fastest next to the default.
+    Timed from CUDA graphs unless ``graph`` is false: eager timings of small shapes are mostly
+    launch overhead, which would hide the differences between configurations."""
+    bench_fn = bench_graph if graph else bench
     rows = s.batch * s.kv_heads
     sel_default = default_select_config(rows, s.context, DEVICE)
     sel_cands = {sel_default}
-    for chunk in (256, 512, 1024):
-        for compact in (2048, 4096):
-            sel_cands.add(
-                SelectConfig(chunk_score=chunk, chunk_compact=compact, warps_score=max(4, chunk // 128), warps_compact=8)
-            )
+    # scoring chunk and warps (registers per thread decide how many programs an SM holds), programs
+    # per row (the default aims at 8 per SM), compaction chunk
+    many = -(-16 * torch.cuda.get_device_properties(DEVICE).multi_processor_count // rows)
+    for chunk, warps in ((128, 2), (256, 2), (256, 4), (512, 4), (512, 8), (1024, 8)):
+        for programs in (0, many):
+            sel_cands.add(SelectConfig(chunk_score=chunk, warps_score=warps, chunk_compact=2048, warps_compact=8,
+                                       programs_per_row=programs))
+    sel_cands.add(dataclasses.replace(sel_default, chunk_compact=4096))
     # boundary pass never / always / for bins above other sizes than the default's
     for cap in (None, 0, 512, 8192):
         sel_cands.add(dataclasses.replace(sel_default, serial_cap=cap))
@@ -298,7 +337,7 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
                 x.q_sel, x.sketch_ours, x.start, x.end, sinks=s.sinks, window=s.window, k=s.k, token_table=x.table, config=c
             )
 
-        sel_times[cfg] = bench(run_select, copies)
+        sel_times[cfg] = bench_fn(run_select, copies)
     sels = [ours_select(x, s) for x in xs]
     att_default = default_attention_config(rows, s.attended, s.head_dim, DEVICE, dtype=xs[0].q.dtype)
     att_cands = {att_default}
@@ -315,7 +354,7 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int) -> dict:
                 token_table=x.table, config=c,
             )
 
-        att_times[cfg] = bench(run_attend, copies)
+        att_times[cfg] = bench_fn(run_attend, copies)
     best_sel = min(sel_times, key=sel_times.get)
     best_att = min(att_times, key=att_times.get)
     return {
@@ -354,8 +393,12 @@ def run_one(args, s: Shape, dtype, elt: int) -> Result:
         if args.layout == "dense":
             res.ms["dense_graph"] = bench_graph(lambda i: dense_sdpa(xs[i], s, scale), copies)
         res.ms["total_graph"] = bench_graph(lambda i: ours_total(xs[i], s, scale), copies)
+        res.ms["select_graph"] = bench_graph(lambda i: ours_select(xs[i], s), copies)
+        res.ms["attend_graph"] = bench_graph(lambda i: ours_attend(xs[i], s, sels[i], scale), copies)
+    if args.profile:
+        res.kernels = profile_kernels(lambda i: ours_total(xs[i], s, scale), copies)
     if args.tune:
-        res.tuned = tune(xs, s, scale, copies)
+        res.tuned = tune(xs, s, scale, copies, graph=not args.no_graph)
     del xs, sels
     torch.cuda.empty_cache()
     return res
@@ -412,6 +455,19 @@ def scale_table(results: list[Result]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def kernel_table(results: list[Result], top: int = 6) -> str:
+    """The GPU kernels of one step (--profile), the costliest first."""
+    lines = ["| batch | context | budget | select / attend alone (graph, ms) | kernels, us per step |", "|---|---|---|---|---|"]
+    for r in results:
+        if not r.kernels:
+            continue
+        s = r.shape
+        ks = "; ".join(f"{name[:40]} {us:.1f}" for name, us in list(r.kernels.items())[:top])
+        alone = f"{fmt_ms(r.ms.get('select_graph'))} / {fmt_ms(r.ms.get('attend_graph'))}"
+        lines.append(f"| {s.batch} | {s.context} | {s.budget:.0%} | {alone} | {ks} |")
+    return "\n".join(lines)
+
+
 def tuned_table(results: list[Result]) -> str:
     lines = [
         "| batch | context | budget | select default -> best (ms, config) | attend default -> best (ms, config) |",
@@ -424,7 +480,8 @@ def tuned_table(results: list[Result]) -> str:
         sb, ab = t["select_best"][0], t["attend_best"][0]
         lines.append(
             f"| {s.batch} | {s.context} | {s.budget:.0%} | {t['select_default'][1]:.3f} -> {t['select_best'][1]:.3f} "
-            f"(chunk {sb['chunk_score']}/{sb['chunk_compact']}, warps {sb['warps_score']}, serial cap {sb['serial_cap']}) | "
+            f"(chunk {sb['chunk_score']}/{sb['chunk_compact']}, warps {sb['warps_score']}, programs/row {sb['programs_per_row']}, "
+            f"serial cap {sb['serial_cap']}) | "
             f"{t['attend_default'][1]:.3f} -> "
             f"{t['attend_best'][1]:.3f} (splits {ab['num_splits']}, block {ab['block_n']}, stages {ab['num_stages']}) |"
         )
@@ -475,6 +532,8 @@ def main(argv=None) -> int:
         print("\n" + scales)
     if args.tune:
         print("\n" + tuned_table(results))
+    if args.profile:
+        print("\n" + kernel_table(results))
     path = args.json or (os.path.join(os.environ["OUT"], "bench_kernels.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:

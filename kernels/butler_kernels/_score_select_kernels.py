@@ -168,6 +168,29 @@ def _row_budget(bpr_ptr, b, k, HAS_BPR: tl.constexpr):
 
 
 @triton.jit
+def _load_sketch_chunk(
+    sk_ptr, stride_sk0, stride_sk1, stride_sk2, stride_skd, tt_ptr, stride_ttb, stride_ttt,
+    b, h, c, lo, hi, dd, dmask, CHUNK: tl.constexpr, PAGED: tl.constexpr,
+):
+    """Sketch rows of chunk ``c`` of a row's candidates ``[lo, hi)``, as stored (masked: a chunk
+    past the end loads nothing)."""
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    cand = (offs >= lo) & (offs < hi)
+    if PAGED:
+        slot = tl.load(tt_ptr + b.to(tl.int64) * stride_ttb + offs.to(tl.int64) * stride_ttt, mask=cand, other=0)
+        rows = sk_ptr + slot.to(tl.int64) * stride_sk0 + h.to(tl.int64) * stride_sk1
+    else:
+        rows = sk_ptr + b.to(tl.int64) * stride_sk0 + h.to(tl.int64) * stride_sk1 + offs.to(tl.int64) * stride_sk2
+    # The sketch is streamed exactly once: do not let it push the keys out of L2.
+    return tl.load(
+        rows[:, None] + dd[None, :] * stride_skd,
+        mask=cand[:, None] & dmask[None, :],
+        other=0.0,
+        eviction_policy="evict_first",
+    )
+
+
+@triton.jit
 def _score_hist_kernel(
     q_ptr, stride_qb, stride_qh, stride_qd,
     sk_ptr, stride_sk0, stride_sk1, stride_sk2, stride_skd,
@@ -193,21 +216,20 @@ def _score_hist_kernel(
     hist = tl.zeros([NB_REFINE], tl.int32)
     base = tl.full([], -1, tl.int32)  # first magnitude code of the window; set by the first chunk
     c = lo // CHUNK + p
+    # The loop body is mostly integer work on the previous chunk's scores: the next chunk's sketch
+    # is requested before it (double buffering), so a program always has a load in flight.
+    sk_next = _load_sketch_chunk(
+        sk_ptr, stride_sk0, stride_sk1, stride_sk2, stride_skd, tt_ptr, stride_ttb, stride_ttt,
+        b, h, c, lo, hi, dd, dmask, CHUNK, PAGED,
+    )
     while c * CHUNK < hi:
         offs = c * CHUNK + tl.arange(0, CHUNK)
         cand = (offs >= lo) & (offs < hi)
-        if PAGED:
-            slot = tl.load(tt_ptr + b.to(tl.int64) * stride_ttb + offs.to(tl.int64) * stride_ttt, mask=cand, other=0)
-            rows = sk_ptr + slot.to(tl.int64) * stride_sk0 + h.to(tl.int64) * stride_sk1
-        else:
-            rows = sk_ptr + b.to(tl.int64) * stride_sk0 + h.to(tl.int64) * stride_sk1 + offs.to(tl.int64) * stride_sk2
-        # The sketch is streamed exactly once: do not let it push the keys out of L2.
-        sk = tl.load(
-            rows[:, None] + dd[None, :] * stride_skd,
-            mask=cand[:, None] & dmask[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        ).to(tl.float32)
+        sk = sk_next.to(tl.float32)
+        sk_next = _load_sketch_chunk(
+            sk_ptr, stride_sk0, stride_sk1, stride_sk2, stride_skd, tt_ptr, stride_ttb, stride_ttt,
+            b, h, c + n_prog, lo, hi, dd, dmask, CHUNK, PAGED,
+        )
         # max over the predictor heads of the GQA group; 1/sqrt(d') is a positive factor that
         # cannot change the order, so it is never applied.
         best = tl.full([CHUNK], float("-inf"), tl.float32)
