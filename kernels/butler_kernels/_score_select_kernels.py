@@ -458,6 +458,7 @@ def _compact_kernel(
     T, side_stride, sinks, window, k, serial_cap,
     H_KV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_BPR: tl.constexpr,
 ):
+    tl.static_assert(CHUNK < 65536, "the packed compaction counts need CHUNK < 2^16")
     h = tl.program_id(0)
     p = tl.program_id(1)
     b = tl.program_id(2)
@@ -483,19 +484,23 @@ def _compact_kernel(
         code = _norm_code(key)
         bin1 = _level1_bin(code)
         above = cand & (bin1 > b1)
-        above_i = above.to(tl.int32)
-        n_above = tl.sum(above_i, 0)
+        member = cand & (bin1 == b1)
+        # One scan and one sum for both stream compactions (the kernel is bound by instruction
+        # issue, and each scan costs barriers): counts above b1 in the low 16 bits, members of b1
+        # in the high ones (CHUNK < 2^16).
+        packed = above.to(tl.int32) | (member.to(tl.int32) << 16)
+        rank = tl.cumsum(packed, 0)
+        counts = tl.sum(packed, 0)
+        n_above = counts & 0xFFFF
+        n_member = counts >> 16
         if n_above > 0:
             # The count above b1 is exactly a1 < k_row <= k: these slots never overflow.
             base = tl.atomic_add(ws_row + WS_CNT_ABOVE, n_above, sem="relaxed")
-            dst = base + tl.cumsum(above_i, 0) - 1
+            dst = base + (rank & 0xFFFF) - 1
             tl.store(out_row + dst.to(tl.int64) * stride_ok, offs, mask=above)
-        member = cand & (bin1 == b1)
-        member_i = member.to(tl.int32)
-        n_member = tl.sum(member_i, 0)
         if n_member > 0:
             base = tl.atomic_add(ws_row + WS_CNT_BIN, n_member, sem="relaxed")
-            slot = base + tl.cumsum(member_i, 0) - 1
+            slot = base + (rank >> 16) - 1
             tl.store(side + slot, offs, mask=member)
             # Provisional boundary: final when the members all fit or all tie (see _finish_row).
             tl.store(out_bnd + slot * stride_ok, offs, mask=member & (slot < need))
