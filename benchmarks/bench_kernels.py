@@ -245,10 +245,8 @@ def bench(fn, copies: int) -> float:
     return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
-def bench_graph(fn, copies: int) -> float:
-    """Median ms of one step replayed from a CUDA graph that runs one step per copy."""
-    import triton.testing
-
+def capture_steps(fn, copies: int) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph holding one step per copy, warmed up (compiled, allocator primed) first on a side stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -259,6 +257,14 @@ def bench_graph(fn, copies: int) -> float:
     with torch.cuda.graph(graph):
         for i in range(copies):
             fn(i)
+    return graph
+
+
+def bench_graph(fn, copies: int) -> float:
+    """Median ms of one step replayed from a CUDA graph that runs one step per copy."""
+    import triton.testing
+
+    graph = capture_steps(fn, copies)
     ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / copies
     del graph
     return ms
@@ -269,16 +275,7 @@ def profile_kernels(fn, copies: int, replays: int = 20) -> dict:
     that holds one step per copy (the launch sequence SGLang and a compiled step see)."""
     from torch.profiler import ProfilerActivity, profile
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(copies):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
+    graph = capture_steps(fn, copies)
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
