@@ -102,17 +102,28 @@ def score_select_triton(
     ``[slots, H_kv, d']`` with ``token_table [B, T]``; ``budget_per_row [B]`` (clamped to
     ``[0, k]``) lowers the budget of single rows. ``out`` (any strides) receives the result, e.g. a
     buffer kept across CUDA-graph replays. CPU tensors run in the Triton interpreter."""
+    out, _ = _select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype, out, config, False)
+    return out
+
+
+def _select(
+    q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype, out, config, keep_workspace: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check, allocate and launch one selection; with ``keep_workspace`` also return the zeroed-then-
+    filled workspace (``[rows, _WS_STRIDE]`` int32: histograms, tickets, work counters)."""
     b, h_kv, t, _ = check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype)
     device = q_sel.device
     if out is None:
         out = torch.empty((b, h_kv, k), dtype=index_dtype, device=device)
     else:
         check_out("out", out, (b, h_kv, k), index_dtype, device)
-    if k == 0 or b == 0:
-        return out
-    cfg = config or default_select_config(b * h_kv, t, device)
-    run_launches(_KERNELS, select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg))
-    return out
+    ws = torch.zeros((b * h_kv, _WS_STRIDE), dtype=torch.int32, device=device) if keep_workspace else None
+    if k > 0 and b > 0:
+        cfg = config or default_select_config(b * h_kv, t, device)
+        run_launches(
+            _KERNELS, select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg, ws)
+        )
+    return out, ws
 
 
 def select_launches(
@@ -215,15 +226,8 @@ def selection_work(
 ) -> tuple[torch.Tensor, SelectionWork]:
     """``score_select_triton`` that also returns the work counters its kernels leave in the
     workspace (a test and benchmark helper: it reads them back, so it syncs with the device)."""
-    b, h_kv, t, _ = check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype)
-    device = q_sel.device
-    out = torch.empty((b, h_kv, k), dtype=index_dtype, device=device)
-    ws = torch.zeros((b * h_kv, _WS_STRIDE), dtype=torch.int32, device=device)
-    if k > 0 and b > 0:
-        cfg = config or default_select_config(b * h_kv, t, device)
-        run_launches(
-            _KERNELS, select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg, ws)
-        )
+    out, ws = _select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype, None, config, True)
+    b, h_kv = out.shape[0], out.shape[1]
     counters = ws[:, _WS_N_CAND : _WS_N_CAND + _N_COUNTERS].to(torch.int64).reshape(b, h_kv, _N_COUNTERS).unbind(-1)
     return out, SelectionWork(*counters)
 
