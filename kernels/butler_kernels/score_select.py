@@ -64,7 +64,7 @@ def default_select_config(rows: int, length: int, device, sms: int | None = None
     """Scoring chunks of 256 positions over 4 warps: the per-chunk histogram merges across warps, so
     fewer warps per program cost fewer barriers, and the 80 registers of a thread (the chunk being
     binned plus the next one in flight) let an SM hold six programs. Tuned on the H100
-    (``bench_kernels.py --tune``: 20-25% faster selection at batch 8-16 than 1024-position chunks
+    (``bench_kernels.py --tune``: 15-23% faster selection at batch 8-16 than 1024-position chunks
     over 8 warps). Chunks halve at short contexts so that every SM still gets a few programs.
     Compaction steps are longer, at about 110 registers (two programs per SM)."""
     target = 3 * (sms if sms is not None else num_sms(device))
