@@ -13,19 +13,26 @@ What it reuses and what it adds
   KV pool (radix-cache prefix sharing stays valid), counted in the pool sizing (see ``plugin``).
   It is written wherever K/V are written: the pool's ``set_kv_buffer`` is wrapped, so extend
   (prefill) and decode both write the new tokens' sketches at ``out_cache_loc``.
-* **Decode** of a served layer, per row (request): a row whose context fits in
-  ``sinks + window + budget`` attends every position through the parent's own Triton decode
-  kernel (bit-identical to the ``triton`` backend); every other row goes through
-  ``butler_kernels.sparse_decode`` (score + top-B per KV head + budgeted attention over sinks,
-  window and the selection: the kernels of ``butler_kernels``, whose semantics are
-  ``butler_kernels.reference``). Both run on the whole batch with static shapes (a row the other
-  path owns is given an empty range) and ``torch.where`` keeps each row's result, so the step is
-  CUDA-graph capturable. Layer 0 runs dense, as everywhere in butler-zoo.
+* **Decode** of a served layer: the parent's pool write (K/V, and through the wrapper the
+  sketch), then ``butler_kernels.sparse_decode`` on the whole batch (score + top-B per KV head +
+  budgeted attention over sinks, window and the selection: the kernels of ``butler_kernels``,
+  whose semantics are ``butler_kernels.reference``). A row whose context fits in
+  ``sinks + window + budget`` has at most ``budget`` candidates, so the selection keeps all of
+  them and the row attends every position (the dense fallback of ``reference.select_topk``,
+  decided row by row, equal to SGLang's dense decode up to rounding). When the budget covers
+  every context the table can hold (e.g. ``--tokenbutler-budget 1.0``) every layer is the
+  parent's decode, bit-identical to the ``triton`` backend. Shapes are static and nothing reads
+  a device value on the host, so the step is CUDA-graph capturable. Layer 0 runs dense, as
+  everywhere in butler-zoo.
+
+  Earlier versions attended the rows within the budget with the parent's kernel and merged the
+  two results with ``torch.where``: with CUDA graphs that launched the parent's two kernels for
+  nothing on every served layer of a batch of long rows (~15 us per layer at 8 x 32K on the
+  H100, ``integrations/sglang/gpu/profile_server.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -36,7 +43,6 @@ from butler_kernels import reference, sparse_decode
 from butler_sglang import BACKEND_NAME
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
-from sglang.srt.layers.attention.utils import create_flashinfer_kv_indices_triton
 
 logger = logging.getLogger(__name__)
 
@@ -178,29 +184,22 @@ class ButlerState:
 
 @dataclass
 class _StepMeta:
-    """Per decode step, shared by every served layer."""
+    """Per decode step, shared by every served layer (views of the batch's rows)."""
 
     start: torch.Tensor  # [bs] zeros
     end: torch.Tensor  # [bs] context length (int32)
-    sparse_end: torch.Tensor  # end, or 0 for rows that go dense
-    dense_row: torch.Tensor  # [bs] bool
     budget_per_row: torch.Tensor | None  # [bs] for a fractional budget
     token_table: torch.Tensor  # [bs, T] slots of each position
-    dense_metadata: object  # ForwardMetadata of the dense rows only
 
 
 @dataclass
-class _GraphBuffers:
+class _StepBuffers:
+    """Storage of ``_StepMeta`` for up to ``rows`` rows (the CUDA graphs read these in place)."""
+
     start: torch.Tensor
     end: torch.Tensor
-    sparse_end: torch.Tensor
-    dense_lens: torch.Tensor
-    dense_row: torch.Tensor
     budget_per_row: torch.Tensor
     token_table: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    num_kv_splits: torch.Tensor
 
 
 class TokenButlerAttnBackend(TritonAttnBackend):
@@ -214,72 +213,46 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         self.fraction = policy.budget if isinstance(policy.budget, float) else None
         self.table_len = int(self.req_to_token.shape[1])
         self.budget = state.resolved.static_budget(self.table_len)
-        # The longest context a dense row can have: the dense rows' index buffer holds this many per row.
-        self.dense_cap = min(self.table_len, self.sinks + self.window + self.budget)
+        # Every context the table can hold fits in sinks + window + budget: no row can go sparse.
+        self.all_dense = (self.fraction is None or self.fraction >= 1.0) and (
+            self.sinks + self.window + self.budget >= self.table_len
+        )
         self._step: _StepMeta | None = None
-        self._graph: _GraphBuffers | None = None
+        self._graph: _StepBuffers | None = None
 
     # ----- per-step metadata -------------------------------------------------------------------
-    def _alloc(self, rows: int) -> _GraphBuffers:
-        dev = self.device
-        i32 = dict(dtype=torch.int32, device=dev)
-        return _GraphBuffers(
+    def _alloc(self, rows: int) -> _StepBuffers:
+        i32 = dict(dtype=torch.int32, device=self.device)
+        return _StepBuffers(
             start=torch.zeros(rows, **i32),
             end=torch.ones(rows, **i32),
-            sparse_end=torch.zeros(rows, **i32),
-            dense_lens=torch.ones(rows, **i32),
-            dense_row=torch.ones(rows, dtype=torch.bool, device=dev),
-            budget_per_row=torch.zeros(rows, dtype=torch.int64, device=dev),
+            budget_per_row=torch.zeros(rows, dtype=torch.int64, device=self.device),
             token_table=torch.zeros((rows, self.table_len), **i32),
-            kv_indptr=torch.zeros(rows + 1, **i32),
-            kv_indices=torch.zeros(max(rows * self.dense_cap, 1), dtype=torch.int64, device=dev),
-            num_kv_splits=torch.full((rows,), self.max_kv_splits, **i32),
         )
 
-    def _build_step(self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, buf: _GraphBuffers) -> _StepMeta:
+    def _build_step(self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, buf: _StepBuffers) -> _StepMeta:
         """Fill ``buf[:bs]`` in place from the batch (device ops only: CUDA-graph replay safe)."""
         start, end = buf.start[:bs], buf.end[:bs]
         end.copy_(seq_lens[:bs])
+        bpr = None
         if self.fraction is not None:
             bpr = buf.budget_per_row[:bs]
             bpr.copy_(reference.budget_for_rows(self.fraction, start, end, self.budget))
-            limit = bpr
-        else:
-            bpr, limit = None, self.budget
-        dense_row = buf.dense_row[:bs]
-        # The dense fallback of reference.select_topk, decided per row: a context that fits in
-        # sinks + window + budget would select every position anyway.
-        torch.le(end, self.sinks + self.window + limit, out=dense_row)
-        zero = torch.zeros((), dtype=end.dtype, device=end.device)
-        buf.sparse_end[:bs].copy_(torch.where(dense_row, zero, end))
-        dense_lens = buf.dense_lens[:bs]
-        dense_lens.copy_(torch.where(dense_row, end, zero))
-        kv_indptr = buf.kv_indptr[: bs + 1]
-        kv_indptr[1:].copy_(torch.cumsum(dense_lens, dim=0))
-        create_flashinfer_kv_indices_triton[(bs,)](
-            self.req_to_token,
-            req_pool_indices[:bs],
-            dense_lens,
-            kv_indptr,
-            None,
-            buf.kv_indices,
-            self.req_to_token.stride(0),
-        )
-        num_kv_splits = buf.num_kv_splits[:bs]
-        self.get_num_kv_splits(num_kv_splits, dense_lens)
         torch.index_select(self.req_to_token, 0, req_pool_indices[:bs], out=buf.token_table[:bs])
-        dense_md = dataclasses.replace(self.forward_metadata, kv_indptr=kv_indptr, kv_indices=buf.kv_indices, num_kv_splits=num_kv_splits)
-        return _StepMeta(start, end, buf.sparse_end[:bs], dense_row, bpr, buf.token_table[:bs], dense_md)
+        return _StepMeta(start, end, bpr, buf.token_table[:bs])
 
     @staticmethod
     def _is_plain_decode(forward_mode, spec_info) -> bool:
         return forward_mode.is_decode() and spec_info is None
 
+    def _budgeted(self, forward_mode, spec_info) -> bool:
+        return not self.all_dense and forward_mode.is_decode() and spec_info is None
+
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         self._step = None
         bs = forward_batch.batch_size
-        if self._is_plain_decode(forward_batch.forward_mode, forward_batch.spec_info) and bs > 0:
+        if self._budgeted(forward_batch.forward_mode, forward_batch.spec_info) and bs > 0:
             self._step = self._build_step(bs, forward_batch.req_pool_indices, forward_batch.seq_lens, self._alloc(bs))
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs):
@@ -289,14 +262,14 @@ class TokenButlerAttnBackend(TritonAttnBackend):
     def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info):
         super().init_forward_metadata_capture_cuda_graph(bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info)
         self._step = None
-        if self._is_plain_decode(forward_mode, spec_info):
+        if self._budgeted(forward_mode, spec_info):
             self._step = self._build_step(bs, req_pool_indices, seq_lens, self._graph)
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu):
         super().init_forward_metadata_replay_cuda_graph(
             bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu
         )
-        if self._is_plain_decode(forward_mode, spec_info):
+        if self._budgeted(forward_mode, spec_info):
             # Rewrites the captured buffers in place; the graph reads them.
             self._build_step(bs, req_pool_indices, seq_lens, self._graph)
 
@@ -305,26 +278,18 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         step = self._step
         if step is None or sinks is not None or not self.state.serves(layer.layer_id):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
-        # 1. K/V (and, through the pool, the sketch) are written by the parent, which also attends the
-        #    rows that go dense with its own kernel, over the dense rows' index list.
-        full = self.forward_metadata
-        self.forward_metadata = step.dense_metadata
-        try:
-            o_dense = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
-        finally:
-            self.forward_metadata = full
-        # 2. The other rows: score + top-B per KV head + attention over sinks, window and the selection.
-        bs = step.end.shape[0]
-        qh = q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim)
         pool = forward_batch.token_to_kv_pool
-        o_sparse, _ = sparse_decode(
-            qh,
+        if save_kv_cache:  # K/V, and through the pool's wrapper the sketch, as the parent writes them
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+        bs = step.end.shape[0]
+        out, _ = sparse_decode(
+            q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim),
             pool.get_key_buffer(layer.layer_id),
             pool.get_value_buffer(layer.layer_id),
             self.state.layer_queries(layer.layer_id, bs),
             self.state.sketch[layer.layer_id],
             step.start,
-            step.sparse_end,
+            step.end,
             sinks=self.sinks,
             window=self.window,
             budget=self.budget,
@@ -332,7 +297,7 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             token_table=step.token_table,
             budget_per_row=step.budget_per_row,
         )
-        return torch.where(step.dense_row[:, None], o_dense.view(bs, -1), o_sparse.reshape(bs, -1))
+        return out.reshape(bs, -1)
 
 
 def create_backend(model_runner) -> TokenButlerAttnBackend:

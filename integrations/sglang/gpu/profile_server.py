@@ -4,7 +4,10 @@ Starts the 8B-shaped dummy-weight server with CUDA graphs, sends one long reques
 decode steps and prints, per step: wall time, GPU busy time and the largest GPU kernels and CPU
 ranges, so a per-step cost outside the attention kernels shows up.
 
-    PYTHONPATH=/tmp/site:. python integrations/sglang/gpu/profile_server.py [--dense] [--context 32768]
+    PYTHONPATH=/tmp/site:. python integrations/sglang/gpu/profile_server.py [--dense] [--both] [--batch 8] [--context 32768]
+
+With ``--batch N`` it sends N requests of the same length at once and starts the profile once the
+server log shows a decode batch of N; GPU kernel totals are also printed per decode step.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _print_top(title: str, events: list, limit: int) -> None:
         print(f"  {dur:10.0f}  {n:5d}  {name}")
 
 
-def summarize(trace_path: str) -> None:
+def summarize(trace_path: str, steps: int = 0) -> None:
     opener = gzip.open if trace_path.endswith(".gz") else open
     with opener(trace_path, "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -49,7 +52,9 @@ def summarize(trace_path: str) -> None:
     t1 = max(e["ts"] + e["dur"] for e in kernels)
     busy = sum(e["dur"] for e in kernels)
     print(f"trace {Path(trace_path).name}: GPU span {(t1 - t0) / 1000:.2f} ms, GPU busy {busy / 1000:.2f} ms, {len(kernels)} kernels")
-    _print_top("top GPU kernels (total us, count):", kernels, 15)
+    _print_top("top GPU kernels (total us, count):", kernels, 30)
+    if steps:
+        print(f"GPU busy per decode step: {busy / 1000 / steps:.3f} ms over {steps} steps")
     _print_top("top CPU ranges (total us, count):", cpu, 25)
     # gaps on the GPU timeline longer than 0.5 ms: time the GPU waited for the host
     ks = sorted(kernels, key=lambda e: e["ts"])
@@ -57,36 +62,52 @@ def summarize(trace_path: str) -> None:
     print(f"GPU idle gaps > 0.5 ms: {len(gaps)}, total {sum(gaps) / 1000:.2f} ms, largest {max(gaps, default=0) / 1000:.2f} ms")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dense", action="store_true", help="profile the dense triton server instead")
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--steps", type=int, default=6)
-    args = ap.parse_args()
-    run.ensure_8b_model()
-    out = Path("/tmp/sgl-prof-dense" if args.dense else "/tmp/sgl-prof-tb")
-    flags = ["--triton-attention-num-kv-splits", "64", *run.GRAPHS, "--context-length", str(args.context + 2048),
-             "--mem-fraction-static", "0.85"]
-    if not args.dense:
+def profile(name: str, dense: bool, batch: int, context: int, steps: int) -> None:
+    out = Path(f"/tmp/sgl-prof-{name}")
+    flags = ["--triton-attention-num-kv-splits", "64", *run.GRAPHS, "--context-length", str(context + 2048),
+             "--mem-fraction-static", "0.88"]
+    if not dense:
         flags += run.tb_flags(run.PRED_8B, "0.1")
     import os
 
     os.environ["SGLANG_TORCH_PROFILER_DIR"] = str(out)
-    with run.Server("profile-" + ("dense" if args.dense else "tb"), run.MODEL_8B, flags):
+    with run.Server("profile-" + name, run.MODEL_8B, flags) as server:
         url = f"http://127.0.0.1:{run.PORT}"
-        ids = [1000 + (i * 7919) % 120000 for i in range(args.context)]
-        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}}
-        t = threading.Thread(target=lambda: requests.post(f"{url}/generate", json=body, timeout=600))
-        t.start()
-        time.sleep(8.0)  # past the prefill, into decode
-        r = requests.post(f"{url}/start_profile", json={"output_dir": str(out), "num_steps": args.steps, "activities": ["CPU", "GPU"]}, timeout=300)
-        print("start_profile:", r.status_code, r.text[:200])
-        t.join()
+        threads = []
+        for r in range(batch):
+            ids = [1000 + (i * 7919 + r * 104729) % 120000 for i in range(context)]
+            body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 600, "temperature": 0, "ignore_eos": True}}
+            threads.append(threading.Thread(target=lambda b=body: requests.post(f"{url}/generate", json=b, timeout=900)))
+            threads[-1].start()
+        t0 = time.time()
+        # profile only once every request decodes (the log line SGLang prints every 40 decode steps)
+        while not server.grep(rf"Decode batch, #running-req: {batch},") and time.time() - t0 < 300:
+            time.sleep(0.5)
+        time.sleep(1.0)
+        r = requests.post(f"{url}/start_profile", json={"output_dir": str(out), "num_steps": steps, "activities": ["CPU", "GPU"]}, timeout=300)
+        print(f"[{name}] batch {batch} x {context}: start_profile", r.status_code, r.text[:200])
+        for t in threads:
+            t.join()
         time.sleep(2.0)
+        print(f"[{name}] decode lines:", *server.grep(r"Decode batch")[-3:], sep="\n  ")
     traces = sorted(glob.glob(str(out / "**" / "*.json*"), recursive=True))
     print("traces:", traces)
     for p in traces[-1:]:
-        summarize(p)
+        summarize(p, steps)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dense", action="store_true", help="profile the dense triton server instead")
+    ap.add_argument("--both", action="store_true", help="profile the dense server, then the tokenbutler server")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+    run.ensure_8b_model()
+    runs = [("dense", True), ("tb", False)] if args.both else [("dense" if args.dense else "tb", args.dense)]
+    for name, dense in runs:
+        profile(name, dense, args.batch, args.context, args.steps)
 
 
 if __name__ == "__main__":
