@@ -324,8 +324,9 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int, graph: bool = Tr
                                        programs_per_row=programs))
     sel_cands.add(dataclasses.replace(sel_default, chunk_compact=4096))
     # boundary pass never / always / for bins above other sizes than the default's
-    for cap in (None, 0, 512, 8192):
-        sel_cands.add(dataclasses.replace(sel_default, serial_cap=cap))
+    for cap in (None, 0, 512, 2048, 8192):
+        for chunk_boundary in (256, 2048):
+            sel_cands.add(dataclasses.replace(sel_default, serial_cap=cap, chunk_boundary=chunk_boundary))
     sel_times = {}
     for cfg in sel_cands:
         def run_select(i, c=cfg):
@@ -478,7 +479,7 @@ def tuned_table(results: list[Result]) -> str:
         lines.append(
             f"| {s.batch} | {s.context} | {s.budget:.0%} | {t['select_default'][1]:.3f} -> {t['select_best'][1]:.3f} "
             f"(chunk {sb['chunk_score']}/{sb['chunk_compact']}, warps {sb['warps_score']}, programs/row {sb['programs_per_row']}, "
-            f"serial cap {sb['serial_cap']}) | "
+            f"serial cap {sb['serial_cap']}, boundary steps {sb['chunk_boundary']}) | "
             f"{t['attend_default'][1]:.3f} -> "
             f"{t['attend_best'][1]:.3f} (splits {ab['num_splits']}, block {ab['block_n']}, stages {ab['num_stages']}) |"
         )

@@ -58,7 +58,7 @@ def test_interpreter_suite_in_fresh_process():
 
 
 S, W = 4, 16  # sinks and window of most cases
-SMALL_SELECT = SelectConfig(chunk_score=64, chunk_compact=128, block_finish=32, programs_per_row=3)
+SMALL_SELECT = SelectConfig(chunk_score=64, chunk_compact=128, chunk_boundary=32, block_finish=32, programs_per_row=3)
 INDEX_POISON = 123456789
 
 
@@ -217,7 +217,7 @@ def test_select_edge_cases():
 
 # Several programs, tickets and boundary passes at small shapes; serial_cap ~2% of the candidates,
 # as the default (2048) is of a 100K-token row.
-WORK_SELECT = SelectConfig(chunk_score=256, chunk_compact=256, block_finish=64, programs_per_row=3, serial_cap=32)
+WORK_SELECT = SelectConfig(chunk_score=256, chunk_compact=256, chunk_boundary=64, block_finish=64, programs_per_row=3, serial_cap=32)
 WORK_T, WORK_K = 1600, 160  # 1580 candidates with S, W = 4, 16
 
 
@@ -369,7 +369,8 @@ def test_select_boundary_modes(serial_cap):
     every row: the same exact selection, ragged rows and per-row budgets included."""
     gen = torch.Generator().manual_seed(22)
     b, t, k = 3, 700, 60
-    config = SelectConfig(chunk_score=128, chunk_compact=128, block_finish=32, programs_per_row=3, serial_cap=serial_cap)
+    config = SelectConfig(chunk_score=128, chunk_compact=128, chunk_boundary=32, block_finish=32, programs_per_row=3,
+                          serial_cap=serial_cap)
     scores = torch.stack([
         torch.randn(2, t, generator=gen),
         _two_values(gen, 1, 2, t, 1.0, 1.0625, 0.5)[0],

@@ -125,7 +125,7 @@ _DISTRIBUTIONS = {
 
 @pytest.mark.parametrize("name", list(_DISTRIBUTIONS))
 @pytest.mark.parametrize(
-    "config", [None, SelectConfig(chunk_score=256, chunk_compact=256, block_finish=256, warps_score=4, warps_compact=4)]
+    "config", [None, SelectConfig(chunk_score=256, chunk_compact=256, chunk_boundary=64, block_finish=256, warps_score=4, warps_compact=4)]
 )
 def test_select_score_distributions(name, config):
     gen = _gen(11)

@@ -43,6 +43,7 @@ class SelectConfig:
 
     chunk_score: int = 1024  # positions per scoring step
     chunk_compact: int = 2048  # positions per compaction step
+    chunk_boundary: int = 256  # boundary-bin members per step of the boundary pass
     block_finish: int = 1024  # vector width of the serial end-of-row select
     warps_score: int = 8
     warps_compact: int = 8
@@ -52,7 +53,7 @@ class SelectConfig:
     serial_cap: int | None = 2048
 
     def __post_init__(self) -> None:
-        for name in ("chunk_score", "chunk_compact", "block_finish"):
+        for name in ("chunk_score", "chunk_compact", "chunk_boundary", "block_finish"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"SelectConfig.{name} must be a power of two >= 16, got {v}")
@@ -66,12 +67,21 @@ def default_select_config(rows: int, length: int, device, sms: int | None = None
     binned plus the next one in flight) let an SM hold six programs. Tuned on the H100
     (``bench_kernels.py --tune``: 15-23% faster selection at batch 8-16 than 1024-position chunks
     over 8 warps). Chunks halve at short contexts so that every SM still gets a few programs.
-    Compaction steps are longer, at about 110 registers (two programs per SM)."""
+    Compaction steps are longer, at about 110 registers (two programs per SM).
+
+    The boundary pass splits a crowded boundary bin (~5% of a row's candidates for Gaussian-like
+    scores) over programs of 256 members each; below 64 rows (batch 1-7 of 8 KV heads) it takes
+    every bin of more than 512 members, because there the serial end of the row is the step's
+    critical path. Measured on the H100 against 2048-member steps and a cap of 2048 at every batch
+    (``bench_kernels.py --layout paged --profile``, ``benchmarks/results/bench_kernels_paged_*``):
+    the boundary pass 14.4 -> 11.2 us at 1 x 128K, 21.6 -> 18.7 at 8 x 128K, 34.4 -> 31.5 at
+    16 x 128K; compaction + boundary 17.4 -> 15.9 us at 1 x 32K; the rest within noise."""
     target = 3 * (sms if sms is not None else num_sms(device))
     chunk = 256
     while chunk > 128 and rows * -(-length // chunk) < target:
         chunk //= 2
-    return SelectConfig(chunk_score=chunk, chunk_compact=2048, warps_score=max(2, chunk // 64), warps_compact=8)
+    return SelectConfig(chunk_score=chunk, chunk_compact=2048, warps_score=max(2, chunk // 64), warps_compact=8,
+                        serial_cap=512 if rows < 64 else 2048)
 
 
 def workspace_bytes(batch: int, num_kv_heads: int, length: int) -> int:
@@ -180,7 +190,7 @@ def select_launches(
             Launch(
                 "_boundary_kernel", (h_kv, n2, b),
                 (bpr, keys, ws, side, out, *out.stride(), max(t, 1), k),
-                dict(H_KV=h_kv, CHUNK=cfg.chunk_compact, BLOCK=cfg.block_finish, HAS_BPR=has_bpr,
+                dict(H_KV=h_kv, CHUNK=cfg.chunk_boundary, BLOCK=cfg.block_finish, HAS_BPR=has_bpr,
                      num_warps=cfg.warps_compact, num_stages=1),
             )
         )
