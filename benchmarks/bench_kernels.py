@@ -337,7 +337,8 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int, graph: bool = Tr
 
         sel_times[cfg] = bench_fn(run_select, copies)
     sels = [ours_select(x, s) for x in xs]
-    att_default = default_attention_config(rows, s.attended, s.head_dim, DEVICE, dtype=xs[0].q.dtype)
+    att_default = default_attention_config(rows, s.attended, s.head_dim, DEVICE, dtype=xs[0].q.dtype,
+                                           paged=xs[0].table is not None)
     att_cands = {att_default}
     for splits in {max(1, att_default.num_splits // 2), att_default.num_splits, att_default.num_splits * 2}:
         for block_n in (32, 64):

@@ -119,14 +119,15 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
                     for launch in launches[1:]:
                         builds.append(_build(sel_mod, launch, f"B {b}, chunk {cfg.chunk_compact}, {layout}", arch))
         q = torch.empty(b, h_q, d, device=meta, dtype=torch.bfloat16)
-        att_cfg = default_attention_config(b * h_kv, sinks + window + k, d, meta, sms=sms)
         for paged in (False, True):
+            att_cfg = default_attention_config(b * h_kv, sinks + window + k, d, meta, sms=sms, paged=paged)
             shape = (b * t, h_kv, d) if paged else (b, h_kv, t, d)
             kv = torch.empty(shape, device=meta, dtype=torch.bfloat16)
             launches = attention_launches(
                 q, kv, kv, out_sel, start, end, table if paged else None, sinks, window, d**-0.5, q, att_cfg
             )
-            variant = f"B {b}, {launches[0].grid[1]} splits, block {att_cfg.block_n}, {'paged' if paged else 'dense'}"
+            variant = (f"B {b}, {launches[0].grid[1]} splits, block {att_cfg.block_n}, {att_cfg.num_stages} stages, "
+                       f"{'paged' if paged else 'dense'}")
             builds.extend(_build(att_mod, launch, variant, arch) for launch in launches)
     # the other dtypes and GQA shapes, once each (fp32 takes the IEEE, no-TF32 dot)
     for dtype, group, d in ((torch.float16, 8, 64), (torch.float32, 1, 128), (torch.bfloat16, 3, 128)):

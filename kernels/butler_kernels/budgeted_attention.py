@@ -39,19 +39,25 @@ class AttentionConfig:
 
 
 def default_attention_config(
-    rows: int, attended: int, head_dim: int, device, sms: int | None = None, dtype: torch.dtype = torch.bfloat16
+    rows: int, attended: int, head_dim: int, device, sms: int | None = None, dtype: torch.dtype = torch.bfloat16,
+    paged: bool = False,
 ) -> AttentionConfig:
     """Enough splits for ~4 programs per SM, but at least two blocks per split so that the merge
     and the per-program Q load stay small next to the K/V traffic. fp32 K/V (no tensor cores)
     takes half the block and twice the warps, which keeps it from spilling registers. From 64
     rows (batch 8 of 8 KV heads) blocks of 32 are 8-11% faster on the H100 (``bench_kernels.py
-    --tune``, batch 8-16 x 32K-128K); below, 64 with more splits."""
+    --tune``, batch 8-16 x 32K-128K); below, 64 with more splits. Gathering from a paged pool
+    (SGLang's) adds a dependent table load before each K/V block, and from 64 rows a third
+    pipeline stage hides it: 5% faster at 8 and 16 x 32K (``--layout paged --tune``,
+    ``benchmarks/results/bench_kernels_tune_paged_h100.log``)."""
     wide = head_dim > 128 or dtype == torch.float32
     block_n = 32 if wide or rows >= 64 else 64
     sms = sms if sms is not None else num_sms(device)
     max_splits = max(1, -(-attended // (2 * block_n)))
     splits = min(max(1, -(-4 * sms // max(rows, 1))), max_splits)
-    return AttentionConfig(num_splits=splits, block_n=block_n, num_warps=8 if dtype == torch.float32 else 4)
+    stages = 3 if paged and not wide and rows >= 64 else 2
+    return AttentionConfig(num_splits=splits, block_n=block_n, num_warps=8 if dtype == torch.float32 else 4,
+                           num_stages=stages)
 
 
 def budgeted_attention_triton(
@@ -83,7 +89,9 @@ def budgeted_attention_triton(
         check_out("out", out, (b, hq, d), q.dtype, device)
     if b == 0:
         return out
-    cfg = config or default_attention_config(b * h_kv, sinks + window + sel.shape[-1], d, device, dtype=q.dtype)
+    cfg = config or default_attention_config(
+        b * h_kv, sinks + window + sel.shape[-1], d, device, dtype=q.dtype, paged=k_buf.dim() == 3
+    )
     run_launches(_KERNELS, attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, out, cfg))
     return out
 
