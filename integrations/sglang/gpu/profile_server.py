@@ -7,7 +7,8 @@ ranges, so a per-step cost outside the attention kernels shows up.
     PYTHONPATH=/tmp/site:. python integrations/sglang/gpu/profile_server.py [--dense] [--both] [--batch 8] [--context 32768]
 
 With ``--batch N`` it sends N requests of the same length at once and starts the profile once the
-server log shows a decode batch of N; GPU kernel totals are also printed per decode step.
+server log shows a decode batch of N. Each run ends with a table of GPU kernel time per decode step;
+``--table TRACE LABEL`` prints that table for a saved trace without starting a server.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _print_top(title: str, events: list, limit: int) -> None:
         print(f"  {dur:10.0f}  {n:5d}  {name}")
 
 
-def summarize(trace_path: str, steps: int = 0) -> None:
+def summarize(trace_path: str) -> None:
     opener = gzip.open if trace_path.endswith(".gz") else open
     with opener(trace_path, "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -53,8 +54,6 @@ def summarize(trace_path: str, steps: int = 0) -> None:
     busy = sum(e["dur"] for e in kernels)
     print(f"trace {Path(trace_path).name}: GPU span {(t1 - t0) / 1000:.2f} ms, GPU busy {busy / 1000:.2f} ms, {len(kernels)} kernels")
     _print_top("top GPU kernels (total us, count):", kernels, 30)
-    if steps:
-        print(f"GPU busy per decode step: {busy / 1000 / steps:.3f} ms over {steps} steps")
     _print_top("top CPU ranges (total us, count):", cpu, 25)
     # gaps on the GPU timeline longer than 0.5 ms: time the GPU waited for the host
     ks = sorted(kernels, key=lambda e: e["ts"])
@@ -62,7 +61,40 @@ def summarize(trace_path: str, steps: int = 0) -> None:
     print(f"GPU idle gaps > 0.5 ms: {len(gaps)}, total {sum(gaps) / 1000:.2f} ms, largest {max(gaps, default=0) / 1000:.2f} ms")
 
 
-def profile(name: str, dense: bool, batch: int, context: int, steps: int) -> None:
+def step_table(trace_path: str, label: str, step_kernel: str | None = None, rows: int = 24) -> str:
+    """Markdown table of GPU kernel time per decode step. Steps are cut at a kernel that runs once
+    per step: ``step_kernel`` (a substring of its name) or, by default, the kernel with the longest
+    single call among those that run at most 16 times in the trace (the LM head's GEMM)."""
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    ks = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                key=lambda e: e["ts"])
+    if step_kernel is None:
+        calls = defaultdict(list)
+        for e in ks:
+            calls[e["name"]].append(e["dur"])
+        step_kernel = max((n for n, d in calls.items() if len(d) <= 16), key=lambda n: max(calls[n]))
+    marks = [i for i, e in enumerate(ks) if step_kernel in e["name"]]
+    if len(marks) < 2:
+        raise SystemExit(f"{trace_path}: fewer than two calls of {step_kernel!r}: no whole step to measure")
+    steps = len(marks) - 1
+    seg = ks[marks[0] + 1 : marks[-1] + 1]
+    per = defaultdict(lambda: [0.0, 0])
+    for e in seg:
+        per[e["name"][:60]][0] += e["dur"]
+        per[e["name"][:60]][1] += 1
+    period = (ks[marks[-1]]["ts"] - ks[marks[0]]["ts"]) / steps / 1000
+    busy = sum(e["dur"] for e in seg) / steps / 1000
+    lines = [f"## {label}: {steps} decode steps between calls of {step_kernel[:40]}; step period {period:.3f} ms, "
+             f"GPU busy {busy:.3f} ms, {len(seg) // steps} kernels per step",
+             "| kernel | us per step | calls per step |", "|---|---|---|"]
+    for name, (dur, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"| {name} | {dur / steps:.1f} | {n / steps:g} |")
+    return "\n".join(lines) + "\n"
+
+
+def profile(name: str, dense: bool, batch: int, context: int, steps: int, step_kernel: str | None = None) -> None:
     out = Path(f"/tmp/sgl-prof-{name}")
     flags = ["--triton-attention-num-kv-splits", "64", *run.GRAPHS, "--context-length", str(context + 2048),
              "--mem-fraction-static", "0.88"]
@@ -93,7 +125,8 @@ def profile(name: str, dense: bool, batch: int, context: int, steps: int) -> Non
     traces = sorted(glob.glob(str(out / "**" / "*.json*"), recursive=True))
     print("traces:", traces)
     for p in traces[-1:]:
-        summarize(p, steps)
+        summarize(p)
+        print(step_table(p, f"{name}: batch {batch} x {context}", step_kernel))
 
 
 def main():
@@ -103,11 +136,19 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--table", nargs=2, metavar=("TRACE", "LABEL"), action="append",
+                    help="only print the per-step kernel table of a saved trace (repeatable); starts no server")
+    ap.add_argument("--step-kernel", default=None,
+                    help="substring of a kernel that runs once per decode step (default: the LM head's GEMM, found by timing)")
     args = ap.parse_args()
+    if args.table:
+        for trace, label in args.table:
+            print(step_table(trace, label, args.step_kernel))
+        return
     run.ensure_8b_model()
     runs = [("dense", True), ("tb", False)] if args.both else [("dense" if args.dense else "tb", args.dense)]
     for name, dense in runs:
-        profile(name, dense, args.batch, args.context, args.steps)
+        profile(name, dense, args.batch, args.context, args.steps, args.step_kernel)
 
 
 if __name__ == "__main__":
