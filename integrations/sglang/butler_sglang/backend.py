@@ -184,22 +184,14 @@ class ButlerState:
 
 @dataclass
 class _StepMeta:
-    """Per decode step, shared by every served layer (views of the batch's rows)."""
+    """Per decode step, shared by every served layer: ``_alloc`` makes the storage for up to
+    ``rows`` rows (the CUDA graphs read it in place), ``_build_step`` fills and returns the batch's
+    views of it."""
 
     start: torch.Tensor  # [bs] zeros
     end: torch.Tensor  # [bs] context length (int32)
-    budget_per_row: torch.Tensor | None  # [bs] for a fractional budget
+    budget_per_row: torch.Tensor | None  # [bs] for a fractional budget, else None
     token_table: torch.Tensor  # [bs, T] slots of each position
-
-
-@dataclass
-class _StepBuffers:
-    """Storage of ``_StepMeta`` for up to ``rows`` rows (the CUDA graphs read these in place)."""
-
-    start: torch.Tensor
-    end: torch.Tensor
-    budget_per_row: torch.Tensor
-    token_table: torch.Tensor
 
 
 class TokenButlerAttnBackend(TritonAttnBackend):
@@ -218,19 +210,19 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             self.sinks + self.window + self.budget >= self.table_len
         )
         self._step: _StepMeta | None = None
-        self._graph: _StepBuffers | None = None
+        self._graph: _StepMeta | None = None
 
     # ----- per-step metadata -------------------------------------------------------------------
-    def _alloc(self, rows: int) -> _StepBuffers:
+    def _alloc(self, rows: int) -> _StepMeta:
         i32 = dict(dtype=torch.int32, device=self.device)
-        return _StepBuffers(
+        return _StepMeta(
             start=torch.zeros(rows, **i32),
             end=torch.ones(rows, **i32),
             budget_per_row=torch.zeros(rows, dtype=torch.int64, device=self.device),
             token_table=torch.zeros((rows, self.table_len), **i32),
         )
 
-    def _build_step(self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, buf: _StepBuffers) -> _StepMeta:
+    def _build_step(self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, buf: _StepMeta) -> _StepMeta:
         """Fill ``buf[:bs]`` in place from the batch (device ops only: CUDA-graph replay safe)."""
         start, end = buf.start[:bs], buf.end[:bs]
         end.copy_(seq_lens[:bs])
@@ -240,10 +232,6 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             bpr.copy_(reference.budget_for_rows(self.fraction, start, end, self.budget))
         torch.index_select(self.req_to_token, 0, req_pool_indices[:bs], out=buf.token_table[:bs])
         return _StepMeta(start, end, bpr, buf.token_table[:bs])
-
-    @staticmethod
-    def _is_plain_decode(forward_mode, spec_info) -> bool:
-        return forward_mode.is_decode() and spec_info is None
 
     def _budgeted(self, forward_mode, spec_info) -> bool:
         return not self.all_dense and forward_mode.is_decode() and spec_info is None
