@@ -29,67 +29,71 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (the GPU script's Server and model helpers)
 
 
-def _print_top(title: str, events: list, limit: int) -> None:
-    """Total duration and count per event name (first 70 characters), largest first."""
+_GPU = ("kernel", "gpu_memcpy", "gpu_memset")
+_CPU = ("cpu_op", "python_function", "user_annotation")
+
+
+def load_trace(trace_path: str) -> tuple[list, list]:
+    """(GPU events in time order, CPU ranges) of a torch.profiler trace (``.json`` or ``.json.gz``)."""
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in _GPU and "dur" in e), key=lambda e: e["ts"])
+    cpu = [e for e in events if e.get("cat") in _CPU and "dur" in e]
+    return gpu, cpu
+
+
+def _totals(events: list, width: int) -> list[tuple[str, float, int]]:
+    """(name truncated to ``width``, total duration, count) per event name, largest total first."""
     by_name = defaultdict(lambda: [0.0, 0])
     for e in events:
-        by_name[e["name"][:70]][0] += e["dur"]
-        by_name[e["name"][:70]][1] += 1
+        by_name[e["name"][:width]][0] += e["dur"]
+        by_name[e["name"][:width]][1] += 1
+    return sorted(((name, dur, n) for name, (dur, n) in by_name.items()), key=lambda row: -row[1])
+
+
+def _print_top(title: str, events: list, limit: int) -> None:
     print(title)
-    for name, (dur, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:limit]:
+    for name, dur, n in _totals(events, 70)[:limit]:
         print(f"  {dur:10.0f}  {n:5d}  {name}")
 
 
-def summarize(trace_path: str) -> None:
-    opener = gzip.open if trace_path.endswith(".gz") else open
-    with opener(trace_path, "rt") as f:
-        events = json.load(f)["traceEvents"]
-    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    cpu = [e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation") and "dur" in e]
+def summarize(name: str, kernels: list, cpu: list) -> None:
     if not kernels:
-        print("no GPU events in", trace_path)
+        print("no GPU events in", name)
         return
-    t0 = min(e["ts"] for e in kernels)
+    t0 = kernels[0]["ts"]
     t1 = max(e["ts"] + e["dur"] for e in kernels)
     busy = sum(e["dur"] for e in kernels)
-    print(f"trace {Path(trace_path).name}: GPU span {(t1 - t0) / 1000:.2f} ms, GPU busy {busy / 1000:.2f} ms, {len(kernels)} kernels")
+    print(f"trace {name}: GPU span {(t1 - t0) / 1000:.2f} ms, GPU busy {busy / 1000:.2f} ms, {len(kernels)} kernels")
     _print_top("top GPU kernels (total us, count):", kernels, 30)
     _print_top("top CPU ranges (total us, count):", cpu, 25)
     # gaps on the GPU timeline longer than 0.5 ms: time the GPU waited for the host
-    ks = sorted(kernels, key=lambda e: e["ts"])
-    gaps = [(b["ts"] - (a["ts"] + a["dur"])) for a, b in zip(ks, ks[1:]) if b["ts"] - (a["ts"] + a["dur"]) > 500]
+    gaps = [(b["ts"] - (a["ts"] + a["dur"])) for a, b in zip(kernels, kernels[1:]) if b["ts"] - (a["ts"] + a["dur"]) > 500]
     print(f"GPU idle gaps > 0.5 ms: {len(gaps)}, total {sum(gaps) / 1000:.2f} ms, largest {max(gaps, default=0) / 1000:.2f} ms")
 
 
-def step_table(trace_path: str, label: str, step_kernel: str | None = None, rows: int = 24) -> str:
-    """Markdown table of GPU kernel time per decode step. Steps are cut at a kernel that runs once
-    per step: ``step_kernel`` (a substring of its name) or, by default, the kernel with the longest
-    single call among those that run at most 16 times in the trace (the LM head's GEMM)."""
-    opener = gzip.open if trace_path.endswith(".gz") else open
-    with opener(trace_path, "rt") as f:
-        events = json.load(f)["traceEvents"]
-    ks = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
-                key=lambda e: e["ts"])
+def step_table(kernels: list, label: str, step_kernel: str | None = None, rows: int = 24) -> str:
+    """Markdown table of GPU kernel time per decode step (``kernels`` in time order). Steps are cut
+    at a kernel that runs once per step: ``step_kernel`` (a substring of its name) or, by default,
+    the kernel with the longest single call among those that run at most 16 times in the trace
+    (the LM head's GEMM)."""
     if step_kernel is None:
         calls = defaultdict(list)
-        for e in ks:
+        for e in kernels:
             calls[e["name"]].append(e["dur"])
         step_kernel = max((n for n, d in calls.items() if len(d) <= 16), key=lambda n: max(calls[n]))
-    marks = [i for i, e in enumerate(ks) if step_kernel in e["name"]]
+    marks = [i for i, e in enumerate(kernels) if step_kernel in e["name"]]
     if len(marks) < 2:
-        raise SystemExit(f"{trace_path}: fewer than two calls of {step_kernel!r}: no whole step to measure")
+        raise SystemExit(f"{label}: fewer than two calls of {step_kernel!r}: no whole step to measure")
     steps = len(marks) - 1
-    seg = ks[marks[0] + 1 : marks[-1] + 1]
-    per = defaultdict(lambda: [0.0, 0])
-    for e in seg:
-        per[e["name"][:60]][0] += e["dur"]
-        per[e["name"][:60]][1] += 1
-    period = (ks[marks[-1]]["ts"] - ks[marks[0]]["ts"]) / steps / 1000
+    seg = kernels[marks[0] + 1 : marks[-1] + 1]
+    period = (kernels[marks[-1]]["ts"] - kernels[marks[0]]["ts"]) / steps / 1000
     busy = sum(e["dur"] for e in seg) / steps / 1000
     lines = [f"## {label}: {steps} decode steps between calls of {step_kernel[:40]}; step period {period:.3f} ms, "
              f"GPU busy {busy:.3f} ms, {len(seg) // steps} kernels per step",
              "| kernel | us per step | calls per step |", "|---|---|---|"]
-    for name, (dur, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:rows]:
+    for name, dur, n in _totals(seg, 60)[:rows]:
         lines.append(f"| {name} | {dur / steps:.1f} | {n / steps:g} |")
     return "\n".join(lines) + "\n"
 
@@ -125,8 +129,9 @@ def profile(name: str, dense: bool, batch: int, context: int, steps: int, step_k
     traces = sorted(glob.glob(str(out / "**" / "*.json*"), recursive=True))
     print("traces:", traces)
     for p in traces[-1:]:
-        summarize(p)
-        print(step_table(p, f"{name}: batch {batch} x {context}", step_kernel))
+        kernels, cpu = load_trace(p)  # parsed once: the summary and the step table read the same events
+        summarize(Path(p).name, kernels, cpu)
+        print(step_table(kernels, f"{name}: batch {batch} x {context}", step_kernel))
 
 
 def main():
@@ -143,7 +148,7 @@ def main():
     args = ap.parse_args()
     if args.table:
         for trace, label in args.table:
-            print(step_table(trace, label, args.step_kernel))
+            print(step_table(load_trace(trace)[0], label, args.step_kernel))
         return
     run.ensure_8b_model()
     runs = [("dense", True), ("tb", False)] if args.both else [("dense" if args.dense else "tb", args.dense)]
