@@ -48,8 +48,8 @@ def default_attention_config(
     rows (batch 8 of 8 KV heads) blocks of 32 are 8-11% faster on the H100 (``bench_kernels.py
     --tune``, batch 8-16 x 32K-128K); below, 64 with more splits. Gathering from a paged pool
     (SGLang's) adds a dependent table load before each K/V block, and from 64 rows a third
-    pipeline stage hides it: 5% faster at 8 and 16 x 32K (``--layout paged --tune``,
-    ``benchmarks/results/bench_kernels_tune_paged_h100.log``)."""
+    pipeline stage hides it: 5% faster at 8 and 16 x 32K (``bench_kernels.py --layout paged --batch 8 16
+    --context 32768 --budget 0.1 --window 128 --tune``, ``benchmarks/results/bench_kernels_tune_paged_h100.log``)."""
     wide = head_dim > 128 or dtype == torch.float32
     block_n = 32 if wide or rows >= 64 else 64
     sms = sms if sms is not None else num_sms(device)
