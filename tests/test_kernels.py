@@ -12,6 +12,7 @@ here, and ``test_interpreter_suite_in_fresh_process`` runs this file again in a 
 the variable set from the start.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -348,16 +349,19 @@ _WORK_DISTRIBUTIONS = {
 }
 
 
+@pytest.mark.parametrize("block", [16, 2048])
 @pytest.mark.parametrize("name", list(_WORK_DISTRIBUTIONS))
-def test_select_work_distributions(name):
+def test_select_work_distributions(name, block):
     """Exact selection (tolerance 0: the kernel's scores are exact here) and few serial candidates
     for mixed signs, heavy ties, subnormals, a large common offset and magnitudes spread over 160
-    octaves; the counters equal those of an independent model of the algorithm."""
+    octaves; the counters equal those of an independent model of the algorithm. The serial end of
+    a row in blocks of 16 (several blocks through memory) and of 2048 (one block in registers)."""
     gen = torch.Generator().manual_seed(21)
     scores = _WORK_DISTRIBUTIONS[name](gen, 1, 2, WORK_T).float()
     q_sel, sketch = _one_hot_case(scores, gen)
     start, end = torch.zeros(1, dtype=torch.int64), torch.full((1,), WORK_T)
-    work = _check_work(q_sel, sketch, start, end, WORK_K, tolerance=0.0, exact_scores=scores)
+    config = dataclasses.replace(WORK_SELECT, block_finish=block)
+    work = _check_work(q_sel, sketch, start, end, WORK_K, config=config, tolerance=0.0, exact_scores=scores)
     assert work.serial_fraction() <= 0.03, str(work)
     if name != "wide":
         assert torch.equal(work.windowed, work.candidates), str(work)
