@@ -316,10 +316,10 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int, graph: bool = Tr
     sel_default = default_select_config(rows, s.context, DEVICE)
     sel_cands = {sel_default}
     # scoring chunk and warps (registers per thread decide how many programs an SM holds), programs
-    # per row (the default aims at 8 per SM), compaction chunk
-    many = -(-16 * torch.cuda.get_device_properties(DEVICE).multi_processor_count // rows)
+    # per row (the default aims at 5 per SM: 3 and 8 around it), compaction chunk
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     for chunk, warps in ((128, 2), (256, 2), (256, 4), (512, 4), (512, 8), (1024, 8)):
-        for programs in (0, many):
+        for programs in (0, -(-3 * sms // rows), -(-8 * sms // rows)):
             sel_cands.add(SelectConfig(chunk_score=chunk, warps_score=warps, chunk_compact=2048, warps_compact=8,
                                        programs_per_row=programs))
     sel_cands.add(dataclasses.replace(sel_default, chunk_compact=4096))

@@ -47,7 +47,7 @@ class SelectConfig:
     block_finish: int = 1024  # vector width of the serial end-of-row select
     warps_score: int = 8
     warps_compact: int = 8
-    programs_per_row: int = 0  # per (row, KV head) and kernel; 0: enough for ~8 per SM
+    programs_per_row: int = 0  # per (row, KV head) and kernel; 0: ~5 per SM in all (one scoring wave)
     # Boundary bins of more members than this are split by a third, parallel pass instead of the
     # row's last compaction program; None: never (two launches, one program always finishes).
     serial_cap: int | None = 2048
@@ -265,9 +265,14 @@ def score_select_reference(
 
 def _programs_per_row(length: int, chunk: int, rows: int, device, requested: int) -> int:
     """Programs per (row, KV head): each strides over the chunks of its row, so a full row gets
-    several chunks per program and a short one leaves its programs idle after one check."""
+    several chunks per program and a short one leaves its programs idle after one check. About 5
+    per SM in all: the scoring kernel (~70-100 registers, 4 warps) fits 5-7 programs per SM, and
+    more programs than that run as a second, partly idle wave. Measured on the H100 against 8 per
+    SM (``bench_kernels.py --layout paged --profile``, ``benchmarks/results/bench_kernels_paged_*``):
+    selection 0.095 -> 0.089 ms at 8 x 32K, 0.341 -> 0.282 at 8 x 128K, 0.171 -> 0.153 at
+    16 x 32K, 0.681 -> 0.561 at 16 x 128K, batch 1 unchanged."""
     chunks = max(1, -(-length // chunk))
-    wanted = requested or -(-8 * num_sms(device) // rows)
+    wanted = requested or -(-5 * num_sms(device) // rows)
     return max(1, min(chunks, wanted))
 
 
