@@ -318,6 +318,27 @@ def _bit_length(x):
 
 
 @triton.jit
+def _load_members(pos_ptr, keys_row, i, n, BLOCK: tl.constexpr):
+    """Block ``[i, i + BLOCK)`` of the ``n`` positions at ``pos_ptr`` (written by other programs:
+    read from L2) and their keys: ``(offs, mask, pos, key)``."""
+    offs = i + tl.arange(0, BLOCK)
+    m = offs < n
+    pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
+    return offs, m, pos, tl.load(keys_row + pos, mask=m, other=0)
+
+
+@triton.jit
+def _radix_narrow(hist, need, base, width, shift):
+    """One pass of the serial radix select: the live key interval ``[base, base + width]``
+    narrows to the digit bin (``hist`` of ``(key - base) >> shift``) holding the ``need``-th
+    largest key; returns the new ``(need, base, width)``."""
+    t, above = _threshold_bin(hist, need, NB_REFINE)
+    t_lo = t.to(tl.int64) << shift
+    one = tl.full([], 1, tl.int64)
+    return need - above, base + t_lo, tl.minimum(width - t_lo, (one << shift) - 1)
+
+
+@triton.jit
 def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK: tl.constexpr):
     """Write the ``need`` positions with the largest keys among the ``n`` positions at ``pos_ptr``
     (keys gathered from ``keys_row``) to ``out_row[written:]``; ties at the threshold are broken by
@@ -339,10 +360,7 @@ def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK
     elif (need > 0) & (n <= BLOCK):
         # The common case (a boundary sub-bin holds a handful of keys): one load, then every pass
         # in registers instead of a round trip to memory per pass.
-        offs = tl.arange(0, BLOCK)
-        m = offs < n
-        pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
-        key = tl.load(keys_row + pos, mask=m, other=0)
+        offs, m, pos, key = _load_members(pos_ptr, keys_row, 0, n, BLOCK)
         written, passes = _select_block(pos, key, m, need, out_row, stride_ok, written)
     elif need > 0:
         passes = tl.zeros([], tl.int32)
@@ -350,43 +368,30 @@ def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK
         kmax = tl.full([], _INT32_MIN, tl.int32)
         i = tl.zeros([], tl.int32)
         while i < n:
-            offs = i + tl.arange(0, BLOCK)
-            m = offs < n
-            pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
-            key = tl.load(keys_row + pos, mask=m, other=0)
+            offs, m, pos, key = _load_members(pos_ptr, keys_row, i, n, BLOCK)
             kmin = tl.minimum(kmin, tl.min(tl.where(m, key, _INT32_MAX), 0))
             kmax = tl.maximum(kmax, tl.max(tl.where(m, key, _INT32_MIN), 0))
             i += BLOCK
         base = kmin.to(tl.int64)
         width = kmax.to(tl.int64) - base
-        one = tl.full([], 1, tl.int64)
         while width > 0:
             shift = tl.maximum(_bit_length(width) - 8, 0).to(tl.int64)
             hist = tl.zeros([NB_REFINE], tl.int32)
             i = tl.zeros([], tl.int32)
             while i < n:
-                offs = i + tl.arange(0, BLOCK)
-                m = offs < n
-                pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
-                key = tl.load(keys_row + pos, mask=m, other=0).to(tl.int64)
+                offs, m, pos, key = _load_members(pos_ptr, keys_row, i, n, BLOCK)
+                key = key.to(tl.int64)
                 live = m & (key >= base) & (key <= base + width)
                 digit = tl.where(live, (key - base) >> shift, 0).to(tl.int32)
                 hist += tl.histogram(digit, NB_REFINE, mask=live)
                 i += BLOCK
-            t, above = _threshold_bin(hist, need, NB_REFINE)
-            need -= above
-            t_lo = t.to(tl.int64) << shift
-            base += t_lo
-            width = tl.minimum(width - t_lo, (one << shift) - 1)
+            need, base, width = _radix_narrow(hist, need, base, width, shift)
             passes += 1
         thr = base.to(tl.int32)
         eq_seen = tl.zeros([], tl.int32)
         i = tl.zeros([], tl.int32)
         while i < n:
-            offs = i + tl.arange(0, BLOCK)
-            m = offs < n
-            pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
-            key = tl.load(keys_row + pos, mask=m, other=0)
+            offs, m, pos, key = _load_members(pos_ptr, keys_row, i, n, BLOCK)
             gt = m & (key > thr)
             eq = m & (key == thr)
             eq_i = eq.to(tl.int32)
@@ -409,16 +414,11 @@ def _select_block(pos, key, m, need, out_row, stride_ok, written):
     base = tl.min(tl.where(m, key, _INT32_MAX), 0).to(tl.int64)
     width = tl.max(tl.where(m, key, _INT32_MIN), 0).to(tl.int64) - base
     key64 = key.to(tl.int64)
-    one = tl.full([], 1, tl.int64)
     while width > 0:
         shift = tl.maximum(_bit_length(width) - 8, 0).to(tl.int64)
         live = m & (key64 >= base) & (key64 <= base + width)
         digit = tl.where(live, (key64 - base) >> shift, 0).to(tl.int32)
-        t, above = _threshold_bin(tl.histogram(digit, NB_REFINE, mask=live), need, NB_REFINE)
-        need -= above
-        t_lo = t.to(tl.int64) << shift
-        base += t_lo
-        width = tl.minimum(width - t_lo, (one << shift) - 1)
+        need, base, width = _radix_narrow(tl.histogram(digit, NB_REFINE, mask=live), need, base, width, shift)
         passes += 1
     thr = base.to(tl.int32)
     eq = m & (key == thr)
@@ -436,10 +436,7 @@ def _split_serial(side, n, keys_row, out_row, stride_ok, written, need, b2, BLOC
     if n <= BLOCK:
         # One block: members, digits and the select stay in registers (the tail of every row at
         # batch >= 8 goes through here: each round trip saved is ~1 us per layer).
-        offs = tl.arange(0, BLOCK)
-        m = offs < n
-        pos = tl.load(side + offs, mask=m, other=0, cache_modifier=".cg")
-        key = tl.load(keys_row + pos, mask=m, other=0)
+        offs, m, pos, key = _load_members(side, keys_row, 0, n, BLOCK)
         d2 = _norm_code(key) & (NB2 - 1)
         gt = m & (d2 > b2)
         eq = m & (d2 == b2)
@@ -460,10 +457,8 @@ def _split_serial(side, n, keys_row, out_row, stride_ok, written, need, b2, BLOC
         kept = tl.zeros([], tl.int32)
         i = tl.zeros([], tl.int32)
         while i < n:
-            offs = i + tl.arange(0, BLOCK)
-            m = offs < n
-            pos = tl.load(side + offs, mask=m, other=0, cache_modifier=".cg")
-            d2 = _norm_code(tl.load(keys_row + pos, mask=m, other=0)) & (NB2 - 1)
+            offs, m, pos, key = _load_members(side, keys_row, i, n, BLOCK)
+            d2 = _norm_code(key) & (NB2 - 1)
             gt = m & (d2 > b2)
             eq = m & (d2 == b2)
             gt_i = gt.to(tl.int32)
@@ -636,10 +631,7 @@ def _boundary_kernel(
         out_eq = out_row + (a1 + a2).to(tl.int64) * stride_ok
         c = p
         while c * CHUNK < n:
-            idx = c * CHUNK + tl.arange(0, CHUNK)
-            m = idx < n
-            pos = tl.load(side + idx, mask=m, other=0)
-            key = tl.load(keys_row + pos, mask=m, other=0)
+            _, m, pos, key = _load_members(side, keys_row, c * CHUNK, n, CHUNK)
             d2 = _norm_code(key) & (NB2 - 1)
             gt = m & (d2 > b2)
             gt_i = gt.to(tl.int32)
