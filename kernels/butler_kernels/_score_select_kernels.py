@@ -328,6 +328,15 @@ def _load_members(pos_ptr, keys_row, i, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _append(out_row, stride_ok, written, pos, take):
+    """Store the ``pos`` of the ``take`` entries at ``out_row[written:]`` in block order; returns
+    ``written`` advanced by their count."""
+    take_i = take.to(tl.int32)
+    tl.store(out_row + (written + tl.cumsum(take_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=take)
+    return written + tl.sum(take_i, 0)
+
+
+@triton.jit
 def _radix_narrow(hist, need, base, width, shift):
     """One pass of the serial radix select: the live key interval ``[base, base + width]``
     narrows to the digit bin (``hist`` of ``(key - base) >> shift``) holding the ``need``-th
@@ -395,11 +404,7 @@ def _select_exact(pos_ptr, keys_row, n, need, out_row, stride_ok, written, BLOCK
             gt = m & (key > thr)
             eq = m & (key == thr)
             eq_i = eq.to(tl.int32)
-            take = gt | (eq & (eq_seen + tl.cumsum(eq_i, 0) - 1 < need))
-            take_i = take.to(tl.int32)
-            dst = written + tl.cumsum(take_i, 0) - 1
-            tl.store(out_row + dst.to(tl.int64) * stride_ok, pos, mask=take)
-            written += tl.sum(take_i, 0)
+            written = _append(out_row, stride_ok, written, pos, gt | (eq & (eq_seen + tl.cumsum(eq_i, 0) - 1 < need)))
             eq_seen += tl.sum(eq_i, 0)
             i += BLOCK
     return written, passes
@@ -423,9 +428,7 @@ def _select_block(pos, key, m, need, out_row, stride_ok, written):
     thr = base.to(tl.int32)
     eq = m & (key == thr)
     take = (m & (key > thr)) | (eq & (tl.cumsum(eq.to(tl.int32), 0) - 1 < need))
-    take_i = take.to(tl.int32)
-    tl.store(out_row + (written + tl.cumsum(take_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=take)
-    return written + tl.sum(take_i, 0), passes
+    return _append(out_row, stride_ok, written, pos, take), passes
 
 
 @triton.jit
@@ -438,17 +441,12 @@ def _split_serial(side, n, keys_row, out_row, stride_ok, written, need, b2, BLOC
         # batch >= 8 goes through here: each round trip saved is ~1 us per layer).
         offs, m, pos, key = _load_members(side, keys_row, 0, n, BLOCK)
         d2 = _norm_code(key) & (NB2 - 1)
-        gt = m & (d2 > b2)
         eq = m & (d2 == b2)
-        gt_i = gt.to(tl.int32)
-        tl.store(out_row + (written + tl.cumsum(gt_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=gt)
-        written += tl.sum(gt_i, 0)
+        written = _append(out_row, stride_ok, written, pos, m & (d2 > b2))
         kept = tl.sum(eq.to(tl.int32), 0)
         passes = tl.full([], -1, tl.int32)
         if need >= kept:
-            eq_i = eq.to(tl.int32)
-            tl.store(out_row + (written + tl.cumsum(eq_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=eq)
-            written += kept
+            written = _append(out_row, stride_ok, written, pos, eq)
         elif need > 0:
             written, passes = _select_block(pos, key, eq, need, out_row, stride_ok, written)
     else:
@@ -459,12 +457,9 @@ def _split_serial(side, n, keys_row, out_row, stride_ok, written, need, b2, BLOC
         while i < n:
             offs, m, pos, key = _load_members(side, keys_row, i, n, BLOCK)
             d2 = _norm_code(key) & (NB2 - 1)
-            gt = m & (d2 > b2)
             eq = m & (d2 == b2)
-            gt_i = gt.to(tl.int32)
             eq_i = eq.to(tl.int32)
-            tl.store(out_row + (written + tl.cumsum(gt_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=gt)
-            written += tl.sum(gt_i, 0)
+            written = _append(out_row, stride_ok, written, pos, m & (d2 > b2))
             tl.debug_barrier()
             tl.store(side + kept + tl.cumsum(eq_i, 0) - 1, pos, mask=eq)
             kept += tl.sum(eq_i, 0)

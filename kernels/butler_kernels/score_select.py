@@ -63,11 +63,12 @@ class SelectConfig:
 
 def default_select_config(rows: int, length: int, device, sms: int | None = None) -> SelectConfig:
     """Scoring chunks of 256 positions over 4 warps: the per-chunk histogram merges across warps, so
-    fewer warps per program cost fewer barriers, and the 80 registers of a thread (the chunk being
-    binned plus the next one in flight) let an SM hold six programs. Tuned on the H100
+    fewer warps per program cost fewer barriers, and the 72-96 registers of a thread (the chunk being
+    binned plus the next one in flight; ``python -m butler_kernels._compile_check``) let an SM hold
+    five to seven programs. Tuned on the H100
     (``bench_kernels.py --tune``: 15-23% faster selection at batch 8-16 than 1024-position chunks
     over 8 warps). Chunks halve at short contexts so that every SM still gets a few programs.
-    Compaction steps are longer, at about 110 registers (two programs per SM).
+    Compaction steps are longer, at 128 registers (two programs of 8 warps per SM).
 
     The boundary pass splits a crowded boundary bin (~5% of a row's candidates for Gaussian-like
     scores) over programs of 256 members each; below 64 rows (batch 1-7 of 8 KV heads) it takes
