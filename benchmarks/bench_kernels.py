@@ -41,7 +41,6 @@ import torch.nn.functional as F
 import butler_kernels
 from butler_kernels import (
     AttentionConfig,
-    SelectConfig,
     budgeted_attention_triton,
     default_attention_config,
     default_select_config,
@@ -320,8 +319,7 @@ def tune(xs: list[Inputs], s: Shape, scale: float, copies: int, graph: bool = Tr
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     for chunk, warps in ((128, 2), (256, 2), (256, 4), (512, 4), (512, 8), (1024, 8)):
         for programs in (0, -(-3 * sms // rows), -(-8 * sms // rows)):
-            sel_cands.add(SelectConfig(chunk_score=chunk, warps_score=warps, chunk_compact=2048, warps_compact=8,
-                                       programs_per_row=programs))
+            sel_cands.add(dataclasses.replace(sel_default, chunk_score=chunk, warps_score=warps, programs_per_row=programs))
     sel_cands.add(dataclasses.replace(sel_default, chunk_compact=4096))
     # boundary pass never / always / for bins above other sizes than the default's
     for cap in (None, 0, 512, 2048, 8192):
