@@ -105,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--sketch-dim", type=int, default=16)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--layout", choices=["dense", "paged"], default="dense", help="K/V and sketch layout of our kernels")
+    p.add_argument("--sketch-storage", choices=["head", "slot"], default="head",
+                   help="paged sketch pool storage: head-major (the SGLang backend's) or slot-major (the K/V pool's)")
     p.add_argument("--mem-limit-gb", type=float, default=70.0, help="skip configurations whose estimate exceeds this")
     p.add_argument("--l2-flush-mb", type=float, default=200.0, help="rotate copies until one round touches this much")
     p.add_argument("--max-copies", type=int, default=32)
@@ -163,7 +165,7 @@ def estimate_peak(s: Shape, elt: int, copies: int) -> int:
 class Inputs:
     """One copy of a decode step's tensors."""
 
-    def __init__(self, s: Shape, dtype, layout: str, gen: torch.Generator):
+    def __init__(self, s: Shape, dtype, layout: str, gen: torch.Generator, sketch_storage: str = "head"):
         dev = DEVICE
         self.q = torch.randn(s.batch, s.heads, s.head_dim, device=dev, dtype=dtype, generator=gen)
         self.k = torch.randn(s.batch, s.kv_heads, s.context, s.head_dim, device=dev, dtype=dtype, generator=gen)
@@ -185,12 +187,16 @@ class Inputs:
             self.table = slots.to(torch.int32)
             flat = slots.reshape(-1)
 
-            def pool(dense):
-                out = torch.empty(s.batch * s.context, s.kv_heads, dense.shape[-1], device=dev, dtype=dtype)
+            def pool(dense, head_major=False):
+                shape = (s.batch * s.context, s.kv_heads, dense.shape[-1])
+                if head_major:  # the SGLang backend's sketch pool: [slot, head] view of [head, slot] storage
+                    out = torch.empty(shape[1], shape[0], shape[2], device=dev, dtype=dtype).transpose(0, 1)
+                else:
+                    out = torch.empty(shape, device=dev, dtype=dtype)
                 out[flat] = dense.permute(0, 2, 1, 3).reshape(-1, s.kv_heads, dense.shape[-1])
                 return out
 
-            self.k_ours, self.v_ours, self.sketch_ours = pool(self.k), pool(self.v), pool(self.sketch)
+            self.k_ours, self.v_ours, self.sketch_ours = pool(self.k), pool(self.v), pool(self.sketch, head_major=sketch_storage == "head")
             del self.k, self.v  # the dense baselines read the pool through the table instead
             self.k = self.v = None
 
@@ -374,7 +380,7 @@ def run_one(args, s: Shape, dtype, elt: int) -> Result:
         res.skipped = f"budget {s.budget:g} x {s.context} leaves no selected tokens after sinks + window"
         return res
     gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
-    xs = [Inputs(s, dtype, args.layout, gen) for _ in range(copies)]
+    xs = [Inputs(s, dtype, args.layout, gen, args.sketch_storage) for _ in range(copies)]
     scale = 1.0 / math.sqrt(s.head_dim)
     res.check_select, res.attn_rel_err, res.work = verify(xs[0], s, scale)
     sels = [ours_select(x, s) for x in xs]
@@ -501,7 +507,7 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda, "python": platform.python_version(), "command": " ".join([sys.executable] + sys.argv),
         "butler_kernels": os.path.dirname(butler_kernels.__file__), "args": vars(args),
     }
-    print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, layout {args.layout}, "
+    print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, layout {args.layout}" + (f" (sketch {args.sketch_storage}-major)" if args.layout == "paged" else "") + ", "
           f"H_q {args.heads} / H_kv {args.kv_heads} / D {args.head_dim} / d' {args.sketch_dim}, "
           f"sinks {args.sinks}, window {args.window}, budget mode {args.budget_mode}", flush=True)
     results = []

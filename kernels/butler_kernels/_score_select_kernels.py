@@ -61,8 +61,10 @@ WS_TICKET2 = tl.constexpr(4096 + 1)
 WS_TICKET3 = tl.constexpr(4096 + 2)
 WS_B1 = tl.constexpr(4096 + 3)
 WS_A1 = tl.constexpr(4096 + 4)
-WS_CNT_ABOVE = tl.constexpr(4096 + 5)
-WS_CNT_BIN = tl.constexpr(4096 + 6)
+# Slots taken above b1 (low word) and members of b1 (high word): one 64-bit counter, so that a
+# compaction step reserves both with one atomic round trip (8-byte aligned: WS_STRIDE is even).
+WS_CNT_ABOVE = tl.constexpr(4096 + 14)
+WS_CNT_BIN = tl.constexpr(4096 + 15)
 WS_BIN_MIN = tl.constexpr(4096 + 7)  # min / max key of the members of b1 (then of b2)
 WS_BIN_MAX = tl.constexpr(4096 + 8)
 WS_DEFERRED = tl.constexpr(4096 + 9)  # 1: the boundary pass resolves the row
@@ -196,8 +198,8 @@ def _load_sketch_chunk(
         rows = sk_ptr + b.to(tl.int64) * stride_sk0 + h.to(tl.int64) * stride_sk1 + offs.to(tl.int64) * stride_sk2
     # The sketch is streamed exactly once: do not let it push the keys out of L2.
     return tl.load(
-        rows[:, None] + dd[None, :] * stride_skd,
-        mask=cand[:, None] & dmask[None, :],
+        rows[:, None, None] + dd * stride_skd,
+        mask=cand[:, None, None] & dmask,
         other=0.0,
         eviction_policy="evict_first",
     )
@@ -221,8 +223,15 @@ def _score_hist_kernel(
     row = b * H_KV + h
     ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
-    dd = tl.arange(0, BLOCK_DP)
+    # A sketch row is read as [pieces of 8]: one thread holds all of a candidate (two 16-byte
+    # loads), so the dot product and everything after it run once per candidate; a [CHUNK, d']
+    # tile would split each row over two threads and repeat the key and histogram work in both.
+    dd = tl.arange(0, BLOCK_DP // 8)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     dmask = dd < DP
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP) * stride_qh
+    # One predictor head per KV head: its query stays in registers (the loop's key stores would
+    # otherwise force a reload and conversion every chunk).
+    q0 = tl.load(q_row + dd * stride_qd, mask=dmask, other=0.0).to(tl.float32)
     # Programs stride over the chunks of their row's candidates only: T is a capacity (a static
     # cache, SGLang's table width) that the rows may fill only partly, and unused chunks must cost
     # nothing, not even an idle program.
@@ -248,12 +257,10 @@ def _score_hist_kernel(
         # cannot change the order, so it is never applied.
         best = tl.full([CHUNK], float("-inf"), tl.float32)
         for g in tl.static_range(GROUP):
-            qg = tl.load(
-                q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP + g) * stride_qh + dd * stride_qd,
-                mask=dmask,
-                other=0.0,
-            ).to(tl.float32)
-            best = tl.maximum(best, tl.sum(sk * qg[None, :], axis=1))
+            qg = q0
+            if GROUP > 1:
+                qg = tl.load(q_row + g * stride_qh + dd * stride_qd, mask=dmask, other=0.0).to(tl.float32)
+            best = tl.maximum(best, tl.sum(tl.sum(sk * qg, axis=2), axis=1))
         key = _order_key(best)
         tl.store(keys_ptr + row.to(tl.int64) * T + offs, key, mask=cand)
         bin1 = _level1_bin(_norm_code(key))
@@ -549,10 +556,16 @@ def _compact_kernel(
     if b1 >= NBG:  # nothing to select: skip straight to the ticket
         hi = lo
     c = lo // CHUNK + p
+    # Each step waits on one atomic round trip: the next chunk's keys are requested before it.
+    offs_next = c * CHUNK + tl.arange(0, CHUNK)
+    key_next = tl.load(keys_row + offs_next, mask=(offs_next >= lo) & (offs_next < hi), other=0)
+    cnt_ptr = (ws_row + WS_CNT_ABOVE).to(tl.pointer_type(tl.int64), bitcast=True)
     while c * CHUNK < hi:
         offs = c * CHUNK + tl.arange(0, CHUNK)
         cand = (offs >= lo) & (offs < hi)
-        key = tl.load(keys_row + offs, mask=cand, other=0)
+        key = key_next
+        offs_next = offs + n_prog * CHUNK
+        key_next = tl.load(keys_row + offs_next, mask=(offs_next >= lo) & (offs_next < hi), other=0)
         code = _norm_code(key)
         bin1 = _level1_bin(code)
         above = cand & (bin1 > b1)
@@ -565,27 +578,28 @@ def _compact_kernel(
         counts = tl.sum(packed, 0)
         n_above = counts & 0xFFFF
         n_member = counts >> 16
-        if n_above > 0:
+        if counts != 0:
+            # Both reservations in one round trip; the low word never carries into the high one
+            # (its total is a1 < 2^31).
+            bases = tl.atomic_add(cnt_ptr, n_above.to(tl.int64) | (n_member.to(tl.int64) << 32), sem="relaxed")
             # The count above b1 is exactly a1 < k_row <= k: these slots never overflow.
-            base = tl.atomic_add(ws_row + WS_CNT_ABOVE, n_above, sem="relaxed")
-            dst = base + (rank & 0xFFFF) - 1
+            dst = (bases & 0xFFFFFFFF).to(tl.int32) + (rank & 0xFFFF) - 1
             tl.store(out_row + dst.to(tl.int64) * stride_ok, offs, mask=above)
-        if n_member > 0:
-            base = tl.atomic_add(ws_row + WS_CNT_BIN, n_member, sem="relaxed")
-            slot = base + (rank >> 16) - 1
-            tl.store(side + slot, offs, mask=member)
-            # Provisional boundary: final when the members all fit or all tie (see _finish_row).
-            tl.store(out_bnd + slot * stride_ok, offs, mask=member & (slot < need))
-            kmin = tl.min(tl.where(member, key, _INT32_MAX), 0)
-            kmax = tl.max(tl.where(member, key, _INT32_MIN), 0)
-            tl.atomic_min(ws_row + WS_BIN_MIN, kmin, sem="relaxed")
-            tl.atomic_max(ws_row + WS_BIN_MAX, kmax, sem="relaxed")
-            d_lo = _norm_code(kmin) & (NB2 - 1)
-            d_hi = _norm_code(kmax) & (NB2 - 1)
-            if d_lo == d_hi:  # one digit (ties, a narrow bin): one atomic instead of n_member
-                tl.atomic_add(ws_row + WS_HIST + d_lo, n_member, sem="relaxed")
-            else:
-                tl.atomic_add(ws_row + WS_HIST + (code & (NB2 - 1)), 1, mask=member, sem="relaxed")
+            if n_member > 0:
+                slot = (bases >> 32).to(tl.int32) + (rank >> 16) - 1
+                tl.store(side + slot, offs, mask=member)
+                # Provisional boundary: final when the members all fit or all tie (see _finish_row).
+                tl.store(out_bnd + slot * stride_ok, offs, mask=member & (slot < need))
+                kmin = tl.min(tl.where(member, key, _INT32_MAX), 0)
+                kmax = tl.max(tl.where(member, key, _INT32_MIN), 0)
+                tl.atomic_min(ws_row + WS_BIN_MIN, kmin, sem="relaxed")
+                tl.atomic_max(ws_row + WS_BIN_MAX, kmax, sem="relaxed")
+                d_lo = _norm_code(kmin) & (NB2 - 1)
+                d_hi = _norm_code(kmax) & (NB2 - 1)
+                if d_lo == d_hi:  # one digit (ties, a narrow bin): one atomic instead of n_member
+                    tl.atomic_add(ws_row + WS_HIST + d_lo, n_member, sem="relaxed")
+                else:
+                    tl.atomic_add(ws_row + WS_HIST + (code & (NB2 - 1)), 1, mask=member, sem="relaxed")
         c += n_prog
 
     tl.debug_barrier()

@@ -63,7 +63,7 @@ class SelectConfig:
 
 def default_select_config(rows: int, length: int, device, sms: int | None = None) -> SelectConfig:
     """Scoring chunks of 256 positions over 4 warps: the per-chunk histogram merges across warps, so
-    fewer warps per program cost fewer barriers, and the 72-96 registers of a thread (the chunk being
+    fewer warps per program cost fewer barriers, and the 72-80 registers of a thread (the chunk being
     binned plus the next one in flight; ``python -m butler_kernels._compile_check``) let an SM hold
     five to seven programs. Tuned on the H100
     (``bench_kernels.py --tune``: 15-23% faster selection at batch 8-16 than 1024-position chunks
@@ -110,7 +110,8 @@ def score_select_triton(
     """Top-``k`` candidate positions ``[B, H_kv, k]`` (``index_dtype``), ``-1`` padded.
 
     q_sel ``[B, H_sel, d']``; sketch dense ``[B, H_kv, T, d']`` (any strides) or paged
-    ``[slots, H_kv, d']`` with ``token_table [B, T]``; ``budget_per_row [B]`` (clamped to
+    ``[slots, H_kv, d']`` with ``token_table [B, T]`` (fastest stored head-major, i.e. a transposed
+    ``[H_kv, slots, d']`` tensor: see docs/kernels.md); ``budget_per_row [B]`` (clamped to
     ``[0, k]``) lowers the budget of single rows. ``out`` (any strides) receives the result, e.g. a
     buffer kept across CUDA-graph replays. CPU tensors run in the Triton interpreter."""
     out, _ = _select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype, out, config, False)
