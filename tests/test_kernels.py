@@ -89,9 +89,11 @@ def _layout(dense: torch.Tensor, layout: str, gen: torch.Generator, table_dtype=
         return dense, None
     if layout == "strided":  # [B, T, H, X] storage viewed as [B, H, T, X]
         return dense.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3), None
-    assert layout == "paged"
+    assert layout in ("paged", "paged-head-major")
     slots = b * t + 11
     pool = torch.randn(slots, h, x, generator=gen).to(dense.dtype)  # unused slots hold garbage
+    if layout == "paged-head-major":  # the SGLang backend's sketch pool: [slot, head] view of [head, slot] storage
+        pool = pool.transpose(0, 1).contiguous().transpose(0, 1)
     table = torch.randperm(slots, generator=gen)[: b * t].view(b, t)
     pool[table.reshape(-1)] = dense.permute(0, 2, 1, 3).reshape(b * t, h, x)
     return pool, table.to(table_dtype)
@@ -119,7 +121,7 @@ def _tol(dtype):
 # ------------------------------------------------------------------------------------ selection
 
 
-@pytest.mark.parametrize("layout", ["dense", "strided", "paged"])
+@pytest.mark.parametrize("layout", ["dense", "strided", "paged", "paged-head-major"])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,t,k,ragged", [(1, 40, 64, False), (3, 300, 24, True)])
