@@ -22,10 +22,16 @@ _HERE = pathlib.Path(__file__).resolve().parent
 _SRC = _HERE.parent / "kernels" / "butler_kernels"
 
 
+def _sub(text: str, old: str, new: str) -> str:
+    """``text.replace(old, new)`` that fails when ``old`` is gone (the kernels changed shape)."""
+    assert old in text, f"trace_select.py: kernel source no longer contains {old[:60]!r}"
+    return text.replace(old, new)
+
+
 def build_instrumented(dst: pathlib.Path) -> None:
     shutil.copytree(_SRC, dst, ignore=shutil.ignore_patterns("__pycache__"))
     k = (dst / "_score_select_kernels.py").read_text()
-    k = k.replace("@triton.jit\ndef _order_key", '''@triton.jit
+    k = _sub(k, "@triton.jit\ndef _order_key", '''@triton.jit
 def _now(x):
     return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1)
 
@@ -38,20 +44,20 @@ def _stamp(dbg_ptr, row, p, n_prog, i, x):
 @triton.jit
 def _order_key''')
     # scoring kernel
-    k = k.replace("    keys_ptr, ws_ptr,\n    T, sinks, window, k,\n    H_KV", "    keys_ptr, ws_ptr,\n    T, sinks, window, k, dbg_ptr,\n    H_KV")
-    k = k.replace("""    ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
+    k = _sub(k, "    keys_ptr, ws_ptr,\n    T, sinks, window, k,\n    H_KV", "    keys_ptr, ws_ptr,\n    T, sinks, window, k, dbg_ptr,\n    H_KV")
+    k = _sub(k, """    ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
     # A sketch""", """    ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     _stamp(dbg_ptr, row, p, n_prog, 0, p)
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
     # A sketch""")
-    k = k.replace("""    # Window bins back to level-1 bins""", """    _stamp(dbg_ptr, row, p, n_prog, 1, p)
+    k = _sub(k, """    # Window bins back to level-1 bins""", """    _stamp(dbg_ptr, row, p, n_prog, 1, p)
     # Window bins back to level-1 bins""")
-    k = k.replace("""    ticket = tl.atomic_add(ws_row + WS_TICKET1, 1, sem="acq_rel")
+    k = _sub(k, """    ticket = tl.atomic_add(ws_row + WS_TICKET1, 1, sem="acq_rel")
     if ticket == n_prog - 1:""", """    ticket = tl.atomic_add(ws_row + WS_TICKET1, 1, sem="acq_rel")
     _stamp(dbg_ptr, row, p, n_prog, 2, ticket)
     if ticket == n_prog - 1:""")
-    k = k.replace("""        tl.store(ws_row + WS_BIN_MAX, _INT32_MIN)
+    k = _sub(k, """        tl.store(ws_row + WS_BIN_MAX, _INT32_MIN)
 
 
 @triton.jit
@@ -62,12 +68,12 @@ def _bit_length""", """        tl.store(ws_row + WS_BIN_MAX, _INT32_MIN)
 @triton.jit
 def _bit_length""")
     # compaction kernel
-    k = k.replace("    T, side_stride, sinks, window, k, serial_cap,\n", "    T, side_stride, sinks, window, k, serial_cap, dbg_ptr,\n")
-    k = k.replace("""    side = side_ptr + row.to(tl.int64) * side_stride
+    k = _sub(k, "    T, side_stride, sinks, window, k, serial_cap,\n", "    T, side_stride, sinks, window, k, serial_cap, dbg_ptr,\n")
+    k = _sub(k, """    side = side_ptr + row.to(tl.int64) * side_stride
     b1 = tl.load(ws_row + WS_B1)""", """    side = side_ptr + row.to(tl.int64) * side_stride
     _stamp(dbg_ptr, row, p, n_prog, 0, p)
     b1 = tl.load(ws_row + WS_B1)""")
-    k = k.replace("""    ticket = tl.atomic_add(ws_row + WS_TICKET2, 1, sem="acq_rel")
+    k = _sub(k, """    ticket = tl.atomic_add(ws_row + WS_TICKET2, 1, sem="acq_rel")
     if ticket == n_prog - 1:
         _finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, BLOCK)""", """    _stamp(dbg_ptr, row, p, n_prog, 1, p)
     ticket = tl.atomic_add(ws_row + WS_TICKET2, 1, sem="acq_rel")
@@ -75,21 +81,21 @@ def _bit_length""")
     if ticket == n_prog - 1:
         _finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, BLOCK)
         _stamp(dbg_ptr, row, p, n_prog, 3, ticket)""")
-    k = k.replace("def _finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, BLOCK: tl.constexpr):",
+    k = _sub(k, "def _finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, BLOCK: tl.constexpr):",
                   "def _finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, dbg_ptr, row, p, n_prog, BLOCK: tl.constexpr):")
-    k = k.replace("_finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, BLOCK)",
+    k = _sub(k, "_finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, BLOCK)",
                   "_finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap, dbg_ptr, row, p, n_prog, BLOCK)")
-    k = k.replace("""    if need > 0:
+    k = _sub(k, """    if need > 0:
         bin_min = tl.load(ws_row + WS_BIN_MIN, cache_modifier=".cg")
         bin_max = tl.load(ws_row + WS_BIN_MAX, cache_modifier=".cg")""", """    if need > 0:
         bin_min = tl.load(ws_row + WS_BIN_MIN, cache_modifier=".cg")
         bin_max = tl.load(ws_row + WS_BIN_MAX, cache_modifier=".cg")
         _stamp(dbg_ptr, row, p, n_prog, 4, bin_min)""")
-    k = k.replace("""            b2, a2, _ = _threshold_bin_mem(ws_row + WS_HIST, need, NB2, NB_REFINE, False)
+    k = _sub(k, """            b2, a2, _ = _threshold_bin_mem(ws_row + WS_HIST, need, NB2, NB_REFINE, False)
 """, """            b2, a2, _ = _threshold_bin_mem(ws_row + WS_HIST, need, NB2, NB_REFINE, False)
             _stamp(dbg_ptr, row, p, n_prog, 5, b2)
 """)
-    k = k.replace("""                n_scan = n
+    k = _sub(k, """                n_scan = n
     if deferred == 0:""", """                n_scan = n
                 _stamp(dbg_ptr, row, p, n_prog, 6, written)
                 tl.store(dbg_ptr + (row.to(tl.int64) * n_prog + p) * 8 + 7, n.to(tl.int64))
@@ -97,15 +103,15 @@ def _bit_length""")
     assert k.count("_stamp(") >= 12, k.count("_stamp(")
     (dst / "_score_select_kernels.py").write_text(k)
     s = (dst / "score_select.py").read_text()
-    s = s.replace("    launches = [\n        Launch(\n            \"_score_hist_kernel\"", """    DBG["score"] = torch.zeros(rows * n1 * 8, dtype=torch.int64, device=device)
+    s = _sub(s, "    launches = [\n        Launch(\n            \"_score_hist_kernel\"", """    DBG["score"] = torch.zeros(rows * n1 * 8, dtype=torch.int64, device=device)
     DBG["compact"] = torch.zeros(rows * n2 * 8, dtype=torch.int64, device=device)
     DBG["n"] = (n1, n2)
     launches = [
         Launch(
             "_score_hist_kernel\"""")
-    s = s.replace("keys, ws, t, sinks, window, k),", "keys, ws, t, sinks, window, k, DBG[\"score\"]),")
-    s = s.replace("t, side_stride, sinks, window, k, serial_cap),", "t, side_stride, sinks, window, k, serial_cap, DBG[\"compact\"]),")
-    s = s.replace("_KERNELS = \"_score_select_kernels\"", "_KERNELS = \"_score_select_kernels\"\nDBG = {}")
+    s = _sub(s, "keys, ws, t, sinks, window, k),", "keys, ws, t, sinks, window, k, DBG[\"score\"]),")
+    s = _sub(s, "t, side_stride, sinks, window, k, serial_cap),", "t, side_stride, sinks, window, k, serial_cap, DBG[\"compact\"]),")
+    s = _sub(s, "_KERNELS = \"_score_select_kernels\"", "_KERNELS = \"_score_select_kernels\"\nDBG = {}")
     assert s.count("DBG") >= 6
     (dst / "score_select.py").write_text(s)
 
