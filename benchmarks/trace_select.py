@@ -44,13 +44,13 @@ def _stamp(dbg_ptr, row, p, n_prog, i, x):
 @triton.jit
 def _order_key''')
     # scoring kernel
-    k = _sub(k, "    keys_ptr, ws_ptr,\n    T, sinks, window, k,\n    H_KV", "    keys_ptr, ws_ptr,\n    T, sinks, window, k, dbg_ptr,\n    H_KV")
+    k = _sub(k, "    keys_ptr, ws_ptr,\n    T, sinks, window, k, n_b,\n    H_KV", "    keys_ptr, ws_ptr,\n    T, sinks, window, k, n_b, dbg_ptr,\n    H_KV")
     k = _sub(k, """    ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
-    # A sketch""", """    ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
+    sk_ptr""", """    ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     _stamp(dbg_ptr, row, p, n_prog, 0, p)
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
-    # A sketch""")
+    sk_ptr""")
     k = _sub(k, """    # Window bins back to level-1 bins""", """    _stamp(dbg_ptr, row, p, n_prog, 1, p)
     # Window bins back to level-1 bins""")
     k = _sub(k, """    ticket = tl.atomic_add(ws_row + WS_TICKET1, 1, sem="acq_rel")
@@ -68,7 +68,7 @@ def _bit_length""", """        tl.store(ws_row + WS_BIN_MAX, _INT32_MIN)
 @triton.jit
 def _bit_length""")
     # compaction kernel
-    k = _sub(k, "    T, side_stride, sinks, window, k, serial_cap,\n", "    T, side_stride, sinks, window, k, serial_cap, dbg_ptr,\n")
+    k = _sub(k, "    T, side_stride, sinks, window, k, serial_cap, n_b,\n", "    T, side_stride, sinks, window, k, serial_cap, n_b, dbg_ptr,\n")
     k = _sub(k, """    side = side_ptr + row.to(tl.int64) * side_stride
     b1 = tl.load(ws_row + WS_B1)""", """    side = side_ptr + row.to(tl.int64) * side_stride
     _stamp(dbg_ptr, row, p, n_prog, 0, p)
@@ -109,8 +109,8 @@ def _bit_length""")
     launches = [
         Launch(
             "_score_hist_kernel\"""")
-    s = _sub(s, "keys, ws, t, sinks, window, k),", "keys, ws, t, sinks, window, k, DBG[\"score\"]),")
-    s = _sub(s, "t, side_stride, sinks, window, k, serial_cap),", "t, side_stride, sinks, window, k, serial_cap, DBG[\"compact\"]),")
+    s = _sub(s, "keys, ws,\n             t, sinks, window, k, b),", "keys, ws,\n             t, sinks, window, k, b, DBG[\"score\"]),")
+    s = _sub(s, "t, side_stride, sinks, window, k, serial_cap, b),", "t, side_stride, sinks, window, k, serial_cap, b, DBG[\"compact\"]),")
     s = _sub(s, "_KERNELS = \"_score_select_kernels\"", "_KERNELS = \"_score_select_kernels\"\nDBG = {}")
     assert s.count("DBG") >= 6
     (dst / "score_select.py").write_text(s)

@@ -141,6 +141,42 @@ def test_select_matches_reference(layout, group, dtype, b, t, k, ragged):
         assert torch.equal(torch.sort(out.long(), -1).values, torch.sort(ref, -1).values)
 
 
+@pytest.mark.parametrize("layout", ["dense", "paged-stacked"])
+def test_select_over_layers_equals_per_layer(layout):
+    """One launch over L layers (the layers of one predictor producer) gives every layer the
+    selection, and the work counters, of a call of its own."""
+    gen = torch.Generator().manual_seed(11)
+    n_layers, b, h_kv, group, t, k, dp = 3, 3, 2, 2, 300, 24, 16
+    q_sel = torch.randn(b, n_layers, h_kv * group, dp, generator=gen).transpose(0, 1)  # [L, B, ...] view
+    sketch = torch.randn(n_layers, b, h_kv, t, dp, generator=gen)
+    start, end = _rows(b, t, True, gen)
+    bpr = torch.tensor([24, 5, 1000])
+    table = None
+    if layout == "paged-stacked":
+        # The SGLang backend's storage: [H_kv, L, slots, d'] viewed as [L, slots, H_kv, d'].
+        slots = b * t + 5
+        store = torch.randn(h_kv, n_layers, slots, dp, generator=gen)
+        table = torch.randperm(slots, generator=gen)[: b * t].view(b, t).int()
+        buf = store.permute(1, 2, 0, 3)
+        for j in range(n_layers):
+            buf[j][table.reshape(-1).long()] = sketch[j].permute(0, 2, 1, 3).reshape(b * t, h_kv, dp)
+    else:
+        buf = sketch
+    args = dict(sinks=S, window=W, k=k, token_table=table, budget_per_row=bpr)
+    out = torch.full((n_layers, b, h_kv, k), INDEX_POISON, dtype=torch.int32)
+    assert score_select_triton(q_sel, buf, start, end, out=out, config=SMALL_SELECT, **args) is out
+    _, work = selection_work(q_sel, buf, start, end, config=SMALL_SELECT, **args)
+    ref = score_select_reference(q_sel, buf, start, end, **args)
+    assert ref.shape == out.shape
+    for j in range(n_layers):
+        _check_selection(out[j], q_sel[j], sketch[j], start, end, k, budget_per_row=bpr)
+        alone, work_j = selection_work(q_sel[j], buf[j], start, end, config=SMALL_SELECT, **args)
+        assert torch.equal(torch.sort(out[j].long(), -1).values, torch.sort(alone.long(), -1).values)
+        assert torch.equal((ref[j] >= 0).sum(-1), (out[j] >= 0).sum(-1))
+        for name in ("candidates", "windowed", "parallel", "scanned", "selected", "passes"):
+            assert torch.equal(getattr(work, name)[j], getattr(work_j, name)), name
+
+
 def test_select_default_config_and_int64():
     gen = torch.Generator().manual_seed(1)
     q_sel = torch.randn(2, 8, 16, generator=gen)

@@ -101,6 +101,29 @@ def test_select(layout, group, dtype, b, t, k):
     _RESULTS.append(("select", f"{layout} G{group} {str(dtype)[6:]} B{b} T{t} k{k}", str(res)))
 
 
+@pytest.mark.parametrize("b,t,k", [(8, 32768, 3100), (3, 20000, 1500)])
+def test_select_over_layers(b, t, k):
+    """Four layers in one launch (the SGLang backend's per-producer selection, on its stacked
+    head-major sketch storage): every layer gets its exact top-k (ties allowed)."""
+    gen = _gen(b + t)
+    sinks, window, h_kv, n_layers, dp = 64, 128, 8, 4, 16
+    q_sel = torch.randn(b, n_layers, h_kv, dp, generator=gen, device=DEV).to(torch.bfloat16).transpose(0, 1)
+    sketch = torch.randn(n_layers, b, h_kv, t, dp, generator=gen, device=DEV).to(torch.bfloat16)
+    start, end = _rows(b, t, ragged=b == 3, gen=gen)
+    slots = b * t + 1000
+    store = torch.randn(h_kv, n_layers, slots, dp, generator=gen, device=DEV).to(torch.bfloat16)
+    table = torch.randperm(slots, generator=gen, device=DEV)[: b * t].view(b, t).int()
+    pools = store.permute(1, 2, 0, 3)  # [L, slots, H_kv, d']
+    for j in range(n_layers):
+        pools[j][table.reshape(-1).long()] = sketch[j].permute(0, 2, 1, 3).reshape(b * t, h_kv, dp)
+    for attempt in range(3):
+        out = score_select_triton(q_sel, pools, start, end, sinks=sinks, window=window, k=k, token_table=table)
+        for j in range(n_layers):
+            res = check_selection(out[j], q_sel[j], sketch[j], start, end, sinks=sinks, window=window, k=k)
+            assert res.ok, f"attempt {attempt}, layer {j}: {res}"
+    _RESULTS.append(("select over 4 layers", f"B{b} T{t} k{k}", str(res)))
+
+
 def _crowded(b, h, t, gen):
     q = torch.randn(b, h, 16, generator=gen, device=DEV)
     q[..., 0] = 40.0

@@ -134,6 +134,10 @@ def test_decode_step_against_sglang_dense_and_torch_reference(tmp_path):
     assert by_budget["1.0"]["all_dense"] and not by_budget["16"]["all_dense"] and not by_budget["0.1"]["all_dense"]
     assert by_budget["1.0"]["parent_decode_calls"] == 2  # the two served layers
     assert by_budget["16"]["parent_decode_calls"] == 0 and by_budget["0.1"]["parent_decode_calls"] == 0
+    # layers 1 and 2 selected by their producer in one launch, equal to selecting in each layer
+    assert by_budget["16"]["selected_by_producer"] == [1, 2] == by_budget["0.1"]["selected_by_producer"]
+    assert by_budget["1.0"]["selected_by_producer"] == []
+    assert all(case["per_layer_selection_equal"] for case in r["cases"])
     assert by_budget["1.0"]["sparse_rows"] == [] and len(by_budget["1.0"]["dense_rows"]) == 3  # budget covers the context
     assert by_budget["16"]["dense_rows"] == [0] and by_budget["16"]["sparse_rows"] == [1, 2]  # row by row
     assert by_budget["0.1"]["sparse_rows"] == [0, 1, 2]
@@ -344,15 +348,16 @@ def _check_decode(tmp: Path) -> dict:
         fb = types.SimpleNamespace(batch_size=bs, forward_mode=ForwardMode.DECODE, spec_info=None, seq_lens=lens.clone(),
                                    seq_lens_sum=int(lens.sum()), seq_lens_cpu=lens.clone(), req_pool_indices=rpi,
                                    out_cache_loc=out_loc, token_to_kv_pool=pool)
-        # producer 0 reads the residual stream after layer 0: hidden_states + residual
+        # As in SGLang: the step's metadata, then the forward. Producer 0 reads the residual stream
+        # after layer 0 (hidden_states + residual) and selects for layers 1 and 2 at once.
+        backend.init_forward_metadata(fb)
+        dense.init_forward_metadata(fb)
         h = torch.randn(bs, E, dtype=dtype)
         mr.model.model.layers[0](None, h, fb, None)
         expect_q = state.predictor.producer_queries(0, h * 2 + (h + 1))
         result["producer_queries_ok"] = bool(torch.allclose(state.queries[0][:bs], expect_q, atol=1e-5))
-
-        backend.init_forward_metadata(fb)
-        dense.init_forward_metadata(fb)
-        case = {"budget": budget, "all_dense": backend.all_dense, "dense_rows": [], "sparse_rows": [],
+        case = {"budget": budget, "all_dense": backend.all_dense, "selected_by_producer": sorted(state.selections),
+                "dense_rows": [], "sparse_rows": [],
                 "max_abs_vs_sglang_dense": [], "max_abs_vs_reference": []}
         end = lens.to(torch.int32)
         start = torch.zeros_like(end)
@@ -386,6 +391,11 @@ def _check_decode(tmp: Path) -> dict:
                 case[key] = [max(a, b) for a, b in zip(case[key] or [0.0] * bs, diffs)]
         backend.decode_attention_fwd = parent_decode
         case["parent_decode_calls"] = len(parent_calls)
+        # Without the producer's selections, each layer selects for itself: the same output.
+        state.selections.clear()
+        case["per_layer_selection_equal"] = all(
+            torch.equal(backend.forward_decode(q_, kn_, vn_, radix[l], fb), out_) for l, (q_, kn_, vn_, out_) in saved.items()
+        )
         new = state.predictor.project_keys(2, saved[2][1].transpose(0, 1)[None])[0].transpose(0, 1)
         result["sketch_written_in_decode"] = bool(torch.allclose(state.sketch[2][out_loc], new, atol=1e-6))
 

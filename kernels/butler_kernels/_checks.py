@@ -98,6 +98,35 @@ def check_score_select(
     return b, h_kv, t, h_sel // h_kv
 
 
+def check_score_select_layers(
+    q_sel: torch.Tensor,
+    sketch: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    token_table: torch.Tensor | None,
+    budget_per_row: torch.Tensor | None,
+    sinks: int,
+    window: int,
+    k: int,
+    index_dtype: torch.dtype,
+) -> tuple[int | None, int, int, int, int]:
+    """``check_score_select`` of a call with or without a leading layer axis: ``q_sel [L, B, H_sel,
+    d']`` with a sketch per layer (dense ``[L, B, H_kv, T, d']`` or paged ``[L, slots, H_kv, d']``),
+    every layer sharing ``start``, ``end``, ``token_table`` and the budget. Returns ``(L, B, H_kv, T,
+    group)``, ``L`` None for a call without the layer axis."""
+    if q_sel.dim() != 4:
+        return (None, *check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype))
+    n_layers = q_sel.shape[0]
+    if n_layers == 0:
+        _fail("q_sel [L, B, H_sel, d'] needs at least one layer")
+    if sketch.dim() not in (4, 5) or sketch.shape[0] != n_layers:
+        _fail(
+            f"with q_sel [L, B, H_sel, d'] (L = {n_layers}) the sketch must be dense [L, B, H_kv, T, d'] or paged "
+            f"[L, slots, H_kv, d'], got shape {list(sketch.shape)}"
+        )
+    return (n_layers, *check_score_select(q_sel[0], sketch[0], start, end, token_table, budget_per_row, sinks, window, k, index_dtype))
+
+
 def check_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,

@@ -33,6 +33,10 @@ every bin by ``4j``: the counts, and hence the work, do not depend on the scale 
    once. So a boundary bin crowded by the shape of the distribution (a large common offset, two
    close values) is split in parallel, never scanned by one program.
 
+One launch may select for several layers at once (``score_select_triton`` with a leading layer
+axis): grid axis 2 then runs over (layer, batch row) pairs, each with its own workspace row, so
+the layers served by one predictor producer share one set of launches, tails and waves.
+
 Nothing is ever sorted and no fp32 score goes back to memory. Every shape is static for a fixed
 ``k``, nothing syncs with the host, so the launch sequence is CUDA-graph capturable.
 """
@@ -171,6 +175,15 @@ def _row_budget(bpr_ptr, b, k, HAS_BPR: tl.constexpr):
 
 
 @triton.jit
+def _layer_and_row(n_b):
+    """``(pid, layer, b)``: grid axis 2 runs over layers x batch rows (``n_b`` rows per layer), so
+    one launch selects for several layers; ``pid`` numbers the (layer, row) pairs."""
+    pid = tl.program_id(2)
+    j = pid // n_b
+    return pid, j, pid - j * n_b
+
+
+@triton.jit
 def _window_bin(bin1, base):
     """Register-window bin of level-1 bins and whether it is in the window anchored at magnitude
     code ``base``. Window bins: 0..126 negative codes base+126..base, 127 -0, 128 +0, 129..255
@@ -207,28 +220,29 @@ def _load_sketch_chunk(
 
 @triton.jit
 def _score_hist_kernel(
-    q_ptr, stride_qb, stride_qh, stride_qd,
-    sk_ptr, stride_sk0, stride_sk1, stride_sk2, stride_skd,
+    q_ptr, stride_ql, stride_qb, stride_qh, stride_qd,
+    sk_ptr, stride_skl, stride_sk0, stride_sk1, stride_sk2, stride_skd,
     tt_ptr, stride_ttb, stride_ttt,
     start_ptr, end_ptr, bpr_ptr,
     keys_ptr, ws_ptr,
-    T, sinks, window, k,
+    T, sinks, window, k, n_b,
     H_KV: tl.constexpr, GROUP: tl.constexpr, DP: tl.constexpr, BLOCK_DP: tl.constexpr,
     CHUNK: tl.constexpr, PAGED: tl.constexpr, HAS_BPR: tl.constexpr,
 ):
     h = tl.program_id(0)
     p = tl.program_id(1)
-    b = tl.program_id(2)
+    pid, j, b = _layer_and_row(n_b)
     n_prog = tl.num_programs(1)
-    row = b * H_KV + h
+    row = pid * H_KV + h
     ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     lo, hi = _candidate_range(start_ptr, end_ptr, b, sinks, window, T)
+    sk_ptr += j.to(tl.int64) * stride_skl
     # A sketch row is read as [pieces of 8]: one thread holds all of a candidate (two 16-byte
     # loads), so the dot product and everything after it run once per candidate; a [CHUNK, d']
     # tile would split each row over two threads and repeat the key and histogram work in both.
     dd = tl.arange(0, BLOCK_DP // 8)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     dmask = dd < DP
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP) * stride_qh
+    q_row = q_ptr + j.to(tl.int64) * stride_ql + b.to(tl.int64) * stride_qb + (h * GROUP) * stride_qh
     # One predictor head per KV head: its query stays in registers (the loop's key stores would
     # otherwise force a reload and conversion every chunk).
     q0 = tl.load(q_row + dd * stride_qd, mask=dmask, other=0.0).to(tl.float32)
@@ -533,18 +547,18 @@ def _finish_row(ws_row, side, keys_row, out_row, stride_ok, k_row, k, serial_cap
 @triton.jit
 def _compact_kernel(
     start_ptr, end_ptr, bpr_ptr, keys_ptr, ws_ptr, side_ptr,
-    out_ptr, stride_ob, stride_oh, stride_ok,
-    T, side_stride, sinks, window, k, serial_cap,
+    out_ptr, stride_ol, stride_ob, stride_oh, stride_ok,
+    T, side_stride, sinks, window, k, serial_cap, n_b,
     H_KV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_BPR: tl.constexpr,
 ):
     tl.static_assert(CHUNK < 65536, "the packed compaction counts need CHUNK < 2^16")
     h = tl.program_id(0)
     p = tl.program_id(1)
-    b = tl.program_id(2)
+    pid, j, b = _layer_and_row(n_b)
     n_prog = tl.num_programs(1)
-    row = b * H_KV + h
+    row = pid * H_KV + h
     ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
-    out_row = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    out_row = out_ptr + j.to(tl.int64) * stride_ol + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     keys_row = keys_ptr + row.to(tl.int64) * T
     side = side_ptr + row.to(tl.int64) * side_stride
     b1 = tl.load(ws_row + WS_B1)
@@ -611,8 +625,8 @@ def _compact_kernel(
 @triton.jit
 def _boundary_kernel(
     bpr_ptr, keys_ptr, ws_ptr, side_ptr,
-    out_ptr, stride_ob, stride_oh, stride_ok,
-    T, k,
+    out_ptr, stride_ol, stride_ob, stride_oh, stride_ok,
+    T, k, n_b,
     H_KV: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_BPR: tl.constexpr,
 ):
     """Rows whose boundary bin was too crowded for one program (``_finish_row``): split its members
@@ -621,12 +635,12 @@ def _boundary_kernel(
     tie); the last program radix-selects among those. Other rows return at once."""
     h = tl.program_id(0)
     p = tl.program_id(1)
-    b = tl.program_id(2)
+    pid, j, b = _layer_and_row(n_b)
     n_prog = tl.num_programs(1)
-    row = b * H_KV + h
+    row = pid * H_KV + h
     ws_row = ws_ptr + row.to(tl.int64) * WS_STRIDE
     if tl.load(ws_row + WS_DEFERRED) != 0:
-        out_row = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        out_row = out_ptr + j.to(tl.int64) * stride_ol + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         keys_row = keys_ptr + row.to(tl.int64) * T
         side = side_ptr + row.to(tl.int64) * (2 * T)  # [members of b1 | members of b2]
         side2 = side + T

@@ -21,7 +21,7 @@ from butler_kernels import reference
 from butler_kernels.budgeted_attention import budgeted_attention_triton
 from butler_kernels.score_select import score_select_reference, score_select_triton
 
-__all__ = ["IMPLEMENTATIONS", "default_impl", "sparse_decode"]
+__all__ = ["IMPLEMENTATIONS", "default_impl", "select", "sparse_decode"]
 
 IMPLEMENTATIONS = ("auto", "triton", "reference")
 _ENV = "BUTLER_KERNELS_IMPL"
@@ -39,6 +39,43 @@ _DEFAULT_IMPL = _check_impl(os.environ.get(_ENV, "auto"), _ENV)
 def default_impl() -> str:
     """The implementation used when ``impl`` is not given (``BUTLER_KERNELS_IMPL`` at import)."""
     return _DEFAULT_IMPL
+
+
+def select(
+    q_sel: torch.Tensor,
+    sketch: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    sinks: int,
+    window: int,
+    budget: int,
+    token_table: torch.Tensor | None = None,
+    budget_per_row: torch.Tensor | None = None,
+    impl: str | None = None,
+    index_dtype: torch.dtype = torch.int32,
+) -> torch.Tensor:
+    """The selection half of ``sparse_decode``: top-``budget`` positions ``[B, H_kv, budget]``
+    (``-1`` padded), or ``[L, B, H_kv, budget]`` for ``q_sel [L, B, H_sel, d']`` and a sketch per
+    layer (several layers in one set of launches; see ``score_select.score_select_triton``)."""
+    impl = default_impl() if impl is None else _check_impl(impl, "impl")
+    _check_budget(budget)
+    args = (q_sel, sketch, start, end)
+    if impl == "auto":
+        return torch.ops.butler.score_select(*args, token_table, budget_per_row, sinks, window, budget, index_dtype)
+    fn = score_select_triton if impl == "triton" else score_select_reference
+    return fn(*args, sinks=sinks, window=window, k=budget, token_table=token_table, budget_per_row=budget_per_row,
+              index_dtype=index_dtype)
+
+
+def _check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, torch.SymInt)):
+        raise TypeError(
+            f"budget must be an int (the static top-k); got {type(budget).__name__}. For a fraction of the "
+            "context pass the cap as budget and reference.budget_for_rows(...) as budget_per_row"
+        )
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
 
 
 def sparse_decode(
@@ -74,29 +111,14 @@ def sparse_decode(
     being ``selection`` itself when given, else ``[B, H_kv, budget]`` positions in ``index_dtype``.
     """
     impl = default_impl() if impl is None else _check_impl(impl, "impl")
-    if isinstance(budget, bool) or not isinstance(budget, (int, torch.SymInt)):
-        raise TypeError(
-            f"budget must be an int (the static top-k); got {type(budget).__name__}. For a fraction of the "
-            "context pass the cap as budget and reference.budget_for_rows(...) as budget_per_row"
-        )
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
+    _check_budget(budget)
     if selection is None:
         if q_sel is None or sketch is None:
             raise ValueError("sparse_decode needs q_sel and sketch to score, or a selection to reuse")
-        select_args = (q_sel, sketch, start, end)
-        if impl == "auto":
-            sel = torch.ops.butler.score_select(*select_args, token_table, budget_per_row, sinks, window, budget, index_dtype)
-        elif impl == "triton":
-            sel = score_select_triton(
-                *select_args, sinks=sinks, window=window, k=budget,
-                token_table=token_table, budget_per_row=budget_per_row, index_dtype=index_dtype,
-            )
-        else:
-            sel = score_select_reference(
-                *select_args, sinks=sinks, window=window, k=budget,
-                token_table=token_table, budget_per_row=budget_per_row, index_dtype=index_dtype,
-            )
+        if q_sel.dim() != 3:
+            raise ValueError(f"sparse_decode decodes one layer: q_sel must be [B, H_sel, d'], got shape {list(q_sel.shape)}")
+        sel = select(q_sel, sketch, start, end, sinks=sinks, window=window, budget=budget, token_table=token_table,
+                     budget_per_row=budget_per_row, impl=impl, index_dtype=index_dtype)
     else:
         sel = selection
     if impl == "auto":

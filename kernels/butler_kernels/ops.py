@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from butler_kernels import reference
-from butler_kernels._checks import check_attention, check_score_select
+from butler_kernels._checks import check_attention, check_score_select_layers
 from butler_kernels.budgeted_attention import budgeted_attention_triton
 from butler_kernels.score_select import score_select_reference, score_select_triton
 
@@ -34,7 +34,8 @@ def score_select(
     index_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Top-``k`` candidate positions per (row, KV head), ``[B, H_kv, k]``, ``-1`` padded (order
-    unspecified). Arguments as in ``score_select.score_select_triton``."""
+    unspecified); ``[L, B, H_kv, k]`` for several layers at once. Arguments as in
+    ``score_select.score_select_triton``."""
     return score_select_reference(
         q_sel, sketch, start, end, sinks=sinks, window=window, k=k,
         token_table=token_table, budget_per_row=budget_per_row, index_dtype=index_dtype,
@@ -51,8 +52,11 @@ def _score_select_cuda(q_sel, sketch, start, end, token_table, budget_per_row, s
 
 @score_select.register_fake
 def _score_select_fake(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype):
-    b, h_kv, _, _ = check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype)
-    return q_sel.new_empty((b, h_kv, k), dtype=index_dtype)
+    n_layers, b, h_kv, _, _ = check_score_select_layers(
+        q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype
+    )
+    shape = (b, h_kv, k) if n_layers is None else (n_layers, b, h_kv, k)
+    return q_sel.new_empty(shape, dtype=index_dtype)
 
 
 @torch.library.custom_op("butler::budgeted_attention", mutates_args=())

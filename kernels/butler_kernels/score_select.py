@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from butler_kernels import reference
-from butler_kernels._checks import check_out, check_score_select
+from butler_kernels._checks import check_out, check_score_select, check_score_select_layers
 from butler_kernels._triton_loader import Launch, num_sms, run_launches, scratch
 
 __all__ = [
@@ -113,7 +113,12 @@ def score_select_triton(
     ``[slots, H_kv, d']`` with ``token_table [B, T]`` (fastest stored head-major, i.e. a transposed
     ``[H_kv, slots, d']`` tensor: see docs/kernels.md); ``budget_per_row [B]`` (clamped to
     ``[0, k]``) lowers the budget of single rows. ``out`` (any strides) receives the result, e.g. a
-    buffer kept across CUDA-graph replays. CPU tensors run in the Triton interpreter."""
+    buffer kept across CUDA-graph replays. CPU tensors run in the Triton interpreter.
+
+    Several layers in one call: ``q_sel [L, B, H_sel, d']`` with the layers' sketches stacked
+    (dense ``[L, B, H_kv, T, d']`` or paged ``[L, slots, H_kv, d']``, any strides) returns ``[L, B,
+    H_kv, k]``, layer ``j`` equal to the call on ``q_sel[j], sketch[j]``: the same kernels over
+    ``L`` times the rows, in one set of launches."""
     out, _ = _select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype, out, config, False)
     return out
 
@@ -123,15 +128,19 @@ def _select(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Check, allocate and launch one selection; with ``keep_workspace`` also return the zeroed-then-
     filled workspace (``[rows, _WS_STRIDE]`` int32: histograms, tickets, work counters)."""
-    b, h_kv, t, _ = check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype)
+    n_layers, b, h_kv, t, _ = check_score_select_layers(
+        q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype
+    )
     device = q_sel.device
+    shape = (b, h_kv, k) if n_layers is None else (n_layers, b, h_kv, k)
     if out is None:
-        out = torch.empty((b, h_kv, k), dtype=index_dtype, device=device)
+        out = torch.empty(shape, dtype=index_dtype, device=device)
     else:
-        check_out("out", out, (b, h_kv, k), index_dtype, device)
-    ws = torch.zeros((b * h_kv, _WS_STRIDE), dtype=torch.int32, device=device) if keep_workspace else None
+        check_out("out", out, shape, index_dtype, device)
+    rows = b * h_kv * (n_layers or 1)
+    ws = torch.zeros((rows, _WS_STRIDE), dtype=torch.int32, device=device) if keep_workspace else None
     if k > 0 and b > 0:
-        cfg = config or default_select_config(b * h_kv, t, device)
+        cfg = config or default_select_config(rows, t, device)
         run_launches(
             _KERNELS, select_launches(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, out, cfg, ws)
         )
@@ -144,10 +153,20 @@ def select_launches(
     """Scratch buffers and the kernel launches of one selection (checked arguments, k >= 1): score,
     compact and, unless ``cfg.serial_cap`` is None, the boundary pass.
     Separate from the launch itself so that ``_compile_check`` builds exactly what runs. ``ws``: a
-    zeroed ``[rows, _WS_STRIDE]`` int32 workspace to use (``selection_work`` reads it back)."""
+    zeroed ``[rows, _WS_STRIDE]`` int32 workspace to use (``selection_work`` reads it back).
+    With a leading layer axis (``q_sel [L, B, H_sel, d']``, ``out [L, B, H_kv, k]``) the grid's
+    last axis runs over the L x B (layer, row) pairs."""
     device = q_sel.device
+    layered = q_sel.dim() == 4
+    if layered:
+        # Layer strides apart, every layer is a call of its own: [L, ...] -> strides of layer 0.
+        q_l, sk_l, out_l = q_sel.stride(0), sketch.stride(0), out.stride(0)
+        n_layers, q_sel, sketch, out = q_sel.shape[0], q_sel[0], sketch[0], out[0]
+    else:
+        q_l = sk_l = out_l = 0
+        n_layers = 1
     b, h_kv = out.shape[0], out.shape[1]
-    rows = b * h_kv
+    rows = b * h_kv * n_layers
     # The kernels index the per-row vectors with unit stride (a no-op for the usual tensors).
     start, end = start.contiguous(), end.contiguous()
     if budget_per_row is not None:
@@ -173,16 +192,18 @@ def select_launches(
     n1 = _programs_per_row(t, cfg.chunk_score, rows, device, cfg.programs_per_row)
     n2 = _programs_per_row(t, cfg.chunk_compact, rows, device, cfg.programs_per_row)
     serial_cap = _INT32_MAX if cfg.serial_cap is None else min(cfg.serial_cap, _INT32_MAX)
+    lb = n_layers * b
     launches = [
         Launch(
-            "_score_hist_kernel", (h_kv, n1, b),
-            (q_sel, *q_sel.stride(), sketch, *sk_strides, tt, *tt_strides, start, end, bpr, keys, ws, t, sinks, window, k),
+            "_score_hist_kernel", (h_kv, n1, lb),
+            (q_sel, q_l, *q_sel.stride(), sketch, sk_l, *sk_strides, tt, *tt_strides, start, end, bpr, keys, ws,
+             t, sinks, window, k, b),
             dict(H_KV=h_kv, GROUP=q_sel.shape[1] // h_kv, DP=dp, BLOCK_DP=max(16, _next_pow2(dp)),
                  CHUNK=cfg.chunk_score, PAGED=paged, HAS_BPR=has_bpr, num_warps=cfg.warps_score, num_stages=1),
         ),
         Launch(
-            "_compact_kernel", (h_kv, n2, b),
-            (start, end, bpr, keys, ws, side, out, *out.stride(), t, side_stride, sinks, window, k, serial_cap),
+            "_compact_kernel", (h_kv, n2, lb),
+            (start, end, bpr, keys, ws, side, out, out_l, *out.stride(), t, side_stride, sinks, window, k, serial_cap, b),
             dict(H_KV=h_kv, CHUNK=cfg.chunk_compact, BLOCK=cfg.block_finish, HAS_BPR=has_bpr,
                  num_warps=cfg.warps_compact, num_stages=1),
         ),
@@ -190,8 +211,8 @@ def select_launches(
     if cfg.serial_cap is not None:
         launches.append(
             Launch(
-                "_boundary_kernel", (h_kv, n2, b),
-                (bpr, keys, ws, side, out, *out.stride(), max(t, 1), k),
+                "_boundary_kernel", (h_kv, n2, lb),
+                (bpr, keys, ws, side, out, out_l, *out.stride(), max(t, 1), k, b),
                 dict(H_KV=h_kv, CHUNK=cfg.chunk_boundary, BLOCK=cfg.block_finish, HAS_BPR=has_bpr,
                      num_warps=cfg.warps_compact, num_stages=1),
             )
@@ -201,8 +222,8 @@ def select_launches(
 
 @dataclass
 class SelectionWork:
-    """Per (row, KV head) work counters of one selection, ``[B, H_kv]`` int64 tensors (see
-    ``selection_work``). Deterministic: they depend on the scores, not on the launch or timing."""
+    """Per (row, KV head) work counters of one selection, ``[B, H_kv]`` (``[L, B, H_kv]`` for a call
+    over L layers) int64 tensors (see ``selection_work``). Deterministic: they depend on the scores, not on the launch or timing."""
 
     candidates: torch.Tensor  # candidates of the row ([sink_hi, win_lo) clipped to the cache)
     windowed: torch.Tensor  # candidates the scoring programs binned in registers (the rest: one atomic each)
@@ -239,8 +260,7 @@ def selection_work(
     """``score_select_triton`` that also returns the work counters its kernels leave in the
     workspace (a test and benchmark helper: it reads them back, so it syncs with the device)."""
     out, ws = _select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype, None, config, True)
-    b, h_kv = out.shape[0], out.shape[1]
-    counters = ws[:, _WS_N_CAND : _WS_N_CAND + _N_COUNTERS].to(torch.int64).reshape(b, h_kv, _N_COUNTERS).unbind(-1)
+    counters = ws[:, _WS_N_CAND : _WS_N_CAND + _N_COUNTERS].to(torch.int64).reshape(*out.shape[:-1], _N_COUNTERS).unbind(-1)
     return out, SelectionWork(*counters)
 
 
@@ -257,8 +277,19 @@ def score_select_reference(
     budget_per_row: torch.Tensor | None = None,
     index_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
-    """The same selection through the plain-torch reference (descending score order)."""
-    _, h_kv, _, _ = check_score_select(q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype)
+    """The same selection through the plain-torch reference (descending score order); with a
+    leading layer axis (see ``score_select_triton``) one selection per layer, stacked."""
+    n_layers, _, h_kv, _, _ = check_score_select_layers(
+        q_sel, sketch, start, end, token_table, budget_per_row, sinks, window, k, index_dtype
+    )
+    if n_layers is not None:
+        return torch.stack([
+            score_select_reference(
+                q_sel[j], sketch[j], start, end, sinks=sinks, window=window, k=k,
+                token_table=token_table, budget_per_row=budget_per_row, index_dtype=index_dtype,
+            )
+            for j in range(n_layers)
+        ])
     dense = reference.gather_positions(sketch, token_table)
     scores = reference.score_tokens(q_sel, dense, h_kv)
     sel = reference.select_topk(scores, start, end, sinks, window, k, budget_per_row)

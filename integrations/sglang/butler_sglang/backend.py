@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from butler_kernels import reference, sparse_decode
+from butler_kernels import reference, select, sparse_decode
 from butler_sglang import BACKEND_NAME
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["ButlerState", "TokenButlerAttnBackend", "create_backend", "resolve_for_runner"]
 
 _STATE_ATTR = "_tokenbutler_state"
+# Scratch of one selection launch over several layers (keys and boundary buffers: 12 bytes per
+# layer, row, KV head and table position): layers are batched up to this, one at a time beyond.
+_SELECTION_SCRATCH_CAP = 256 * 2**20
 
 
 def resolve_for_runner(model_runner) -> Resolved:
@@ -104,16 +107,27 @@ class ButlerState:
         # Indexed [slot, head] like the K pool, stored head-major: a selection program scores one KV
         # head over a run of slots, which then is one contiguous read (slot-major storage spreads it
         # over 32-byte pieces 256 bytes apart: 27% slower scoring at batch 8 x 32K on the H100).
+        # All layers live in one [H_kv, layers, slots, d'] tensor, so that the layers of one producer
+        # are a single [layers, slots, H_kv, d'] view for the selection over all of them at once.
+        self.first_served = max(start, 1)
+        self._sketch_store = torch.zeros(
+            (self.num_kv_heads, max(end - self.first_served, 0), slots, cfg.sketch_dim), dtype=self.dtype, device=self.device
+        )
         self.sketch: dict[int, torch.Tensor] = {
-            layer: torch.zeros((self.num_kv_heads, slots, cfg.sketch_dim), dtype=self.dtype, device=self.device).transpose(0, 1)
-            for layer in range(max(start, 1), end)
+            layer: self._sketch_store[:, layer - self.first_served].transpose(0, 1) for layer in range(self.first_served, end)
         }
         rows = max(int(model_runner.req_to_token_pool.size) + 1, int(getattr(model_runner.server_args, "cuda_graph_max_bs", 0) or 0), 1)
         self.queries = [
             torch.zeros((rows, len(cfg.served_layers(k)), cfg.num_query_heads, cfg.sketch_dim), dtype=self.dtype, device=self.device)
             for k in range(cfg.num_producers)
         ]
-        self.sketch_bytes = sum(t.numel() * t.element_size() for t in self.sketch.values())
+        self.sketch_bytes = self._sketch_store.numel() * self._sketch_store.element_size()
+        # Set by the backend for a budgeted decode step (its _StepMeta and static budget); the
+        # producer hooks then select for their served layers at once, into `selections`.
+        self.decode_step = None
+        self.decode_budget = 0
+        self.selections: dict[int, torch.Tensor] = {}
+        self._selection_scratch_cap = _SELECTION_SCRATCH_CAP
 
         layers = get_family(cfg.base_model_type).decoder_layers(model_runner.model)
         self._handles = [
@@ -165,9 +179,42 @@ class ButlerState:
             if n > buf.shape[0]:  # eager batches only: CUDA-graph batches fit the preallocated rows
                 buf = self.queries[producer] = torch.zeros((n, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
             buf[:n].copy_(self.predictor.producer_queries(producer, stream))
+            if self.decode_step is not None:
+                self.select_served_layers(producer, n)
             return None
 
         return hook
+
+    def select_served_layers(self, producer: int, bs: int) -> None:
+        """Top-B of every layer this producer serves, before those layers run, in as few launches
+        as the scratch cap allows (one at batch 8 x 32K).
+
+        A served layer's selection needs only its producer's queries and the sketches of positions
+        before its window, all written by earlier steps (the window, >= 1 token, holds the current
+        one, whose sketch the layer writes later): the selection of layer l run here equals the one
+        run in layer l's attention, and the layers share the launches, waves and serial tails of one
+        selection over L times the rows (``score_select_triton`` with a layer axis)."""
+        step = self.decode_step
+        layers = [l for l in self.config.served_layers(producer) if l in self.sketch]
+        if not layers:
+            return
+        h_kv, t = self.num_kv_heads, step.token_table.shape[1]
+        # keys + two side buffers, int32, per (layer, row, KV head, table position)
+        per_layer = 12 * bs * h_kv * max(t, 1)
+        per_call = max(1, min(len(layers), self._selection_scratch_cap // max(per_layer, 1)))
+        _, first_slot = self.config.producer_of(layers[0])
+        queries = self.queries[producer][:bs]
+        for i in range(0, len(layers), per_call):
+            group = layers[i : i + per_call]
+            j0 = group[0] - self.first_served
+            q = queries[:, first_slot + i : first_slot + i + len(group)].transpose(0, 1)  # [L, B, H_sel, d']
+            sketch = self._sketch_store[:, j0 : j0 + len(group)].permute(1, 2, 0, 3)  # [L, slots, H_kv, d']
+            sel = select(
+                q, sketch, step.start, step.end, sinks=self.policy.sinks, window=self.policy.window,
+                budget=self.decode_budget, token_table=step.token_table, budget_per_row=step.budget_per_row,
+            )
+            for j, layer in enumerate(group):
+                self.selections[layer] = sel[j]
 
     def serves(self, layer_id: int) -> bool:
         return layer_id in self.sketch
@@ -239,12 +286,20 @@ class TokenButlerAttnBackend(TritonAttnBackend):
     def _budgeted(self, forward_mode, spec_info) -> bool:
         return not self.all_dense and forward_mode.is_decode() and spec_info is None
 
+    def _activate(self, step: _StepMeta | None) -> None:
+        """This step's metadata, for forward_decode and for the producer hooks' selections."""
+        self._step = step
+        self.state.decode_step = step
+        self.state.decode_budget = self.budget
+        self.state.selections.clear()
+
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        self._step = None
+        step = None
         bs = forward_batch.batch_size
         if self._budgeted(forward_batch.forward_mode, forward_batch.spec_info) and bs > 0:
-            self._step = self._build_step(bs, forward_batch.req_pool_indices, forward_batch.seq_lens, self._alloc(bs))
+            step = self._build_step(bs, forward_batch.req_pool_indices, forward_batch.seq_lens, self._alloc(bs))
+        self._activate(step)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -252,9 +307,10 @@ class TokenButlerAttnBackend(TritonAttnBackend):
 
     def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info):
         super().init_forward_metadata_capture_cuda_graph(bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info)
-        self._step = None
+        step = None
         if self._budgeted(forward_mode, spec_info):
-            self._step = self._build_step(bs, req_pool_indices, seq_lens, self._graph)
+            step = self._build_step(bs, req_pool_indices, seq_lens, self._graph)
+        self._activate(step)
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu):
         super().init_forward_metadata_replay_cuda_graph(
@@ -273,12 +329,14 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         if save_kv_cache:  # K/V, and through the pool's wrapper the sketch, as the parent writes them
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
         bs = step.end.shape[0]
+        # Selected by the producer hook with the other layers of its producer; else here.
+        selection = self.state.selections.get(layer.layer_id)
         out, _ = sparse_decode(
             q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim),
             pool.get_key_buffer(layer.layer_id),
             pool.get_value_buffer(layer.layer_id),
-            self.state.layer_queries(layer.layer_id, bs),
-            self.state.sketch[layer.layer_id],
+            None if selection is not None else self.state.layer_queries(layer.layer_id, bs),
+            None if selection is not None else self.state.sketch[layer.layer_id],
             step.start,
             step.end,
             sinks=self.sinks,
@@ -287,6 +345,7 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             scale=layer.scaling,
             token_table=step.token_table,
             budget_per_row=step.budget_per_row,
+            selection=selection,
         )
         return out.reshape(bs, -1)
 
