@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from butler_kernels import reference
-from butler_kernels._checks import check_out, check_score_select, check_score_select_layers
+from butler_kernels._checks import check_out, check_score_select_layers
 from butler_kernels._triton_loader import Launch, num_sms, run_launches, scratch
 
 __all__ = [
