@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from butler_kernels import reference, select, sparse_decode
+from butler_kernels.score_select import layers_per_launch
 from butler_sglang import BACKEND_NAME
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -201,7 +202,7 @@ class ButlerState:
         h_kv, t = self.num_kv_heads, step.token_table.shape[1]
         # keys + two side buffers, int32, per (layer, row, KV head, table position)
         per_layer = 12 * bs * h_kv * max(t, 1)
-        per_call = max(1, min(len(layers), self._selection_scratch_cap // max(per_layer, 1)))
+        per_call = max(1, min(len(layers), self._selection_scratch_cap // max(per_layer, 1), layers_per_launch(bs * h_kv)))
         _, first_slot = self.config.producer_of(layers[0])
         queries = self.queries[producer][:bs]
         for i in range(0, len(layers), per_call):
