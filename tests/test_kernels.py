@@ -34,6 +34,7 @@ from butler_kernels import (  # noqa: E402
     reference,
     score_select_reference,
     score_select_triton,
+    sketch_write_triton,
     sparse_decode,
 )
 from butler_kernels import _triton_loader  # noqa: E402
@@ -175,6 +176,29 @@ def test_select_over_layers_equals_per_layer(layout):
         assert torch.equal((ref[j] >= 0).sum(-1), (out[j] >= 0).sum(-1))
         for name in ("candidates", "windowed", "parallel", "scanned", "selected", "passes"):
             assert torch.equal(getattr(work, name)[j], getattr(work_j, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,dp", [(64, 16), (128, 8)])
+def test_sketch_write_matches_reference(dtype, d, dp):
+    """The fused projection + scatter into a head-major paged pool equals the matmul and indexed
+    store of the reference (to one rounding of the pool's dtype); other slots stay untouched."""
+    gen = torch.Generator().manual_seed(d + dp)
+    n, h_kv, slots = 37, 3, 90
+    keys = torch.randn(n, h_kv * 2, d, generator=gen).to(dtype)[:, ::2]  # strided, as a slice of SGLang's k
+    weight = (torch.randn(h_kv, d, dp, generator=gen) / d**0.5).to(dtype)
+    loc = torch.randperm(slots, generator=gen)[:n]
+    pool = torch.randn(h_kv, slots, dp, generator=gen).to(dtype).transpose(0, 1)
+    want = pool.clone()
+    reference.write_sketch(want, loc, keys, weight)
+    sketch_write_triton(pool, loc.int(), keys, weight)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(pool.float(), want.float(), rtol=tol, atol=tol)
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[loc] = False
+    assert torch.equal(pool[untouched], want[untouched])
+    with pytest.raises(ValueError, match="shapes do not match"):
+        sketch_write_triton(pool, loc, keys, weight[:, :, :1])
 
 
 def test_select_default_config_and_int64():
@@ -541,6 +565,12 @@ def test_custom_ops_opcheck_and_compile():
     torch.library.opcheck(torch.ops.butler.score_select.default, select_args)
     sel = torch.ops.butler.score_select(*select_args)
     torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125))
+    # several layers at once, and the sketch write (a mutating op)
+    layered = (q_sel.expand(3, -1, -1, -1), sketch.expand(3, -1, -1, -1, -1), *select_args[2:])
+    torch.library.opcheck(torch.ops.butler.score_select.default, layered)
+    assert torch.equal(torch.ops.butler.score_select(*layered)[1], sel)
+    pool = torch.randn(50, h_kv, 16, generator=gen)
+    torch.library.opcheck(torch.ops.butler.write_sketch.default, (pool, torch.tensor([3, 7]), q[:2, :h_kv], torch.randn(h_kv, d, 16, generator=gen)))
 
     def step(q, kbuf, vbuf, q_sel, sketch, start, end):
         return sparse_decode(q, kbuf, vbuf, q_sel, sketch, start, end, sinks=S, window=W, budget=10, scale=0.125, impl="auto")
@@ -665,7 +695,7 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-4000:]
     builds = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {b["kernel"] for b in builds} == {
-        "_score_hist_kernel", "_compact_kernel", "_boundary_kernel", "_attn_split_kernel", "_merge_kernel"
+        "_score_hist_kernel", "_compact_kernel", "_boundary_kernel", "_attn_split_kernel", "_merge_kernel", "_sketch_write_kernel"
     }
     for b in builds:
         assert b["spill_bytes"] == 0, f"{b['kernel']} ({b['variant']}) spills {b['spill_bytes']} bytes"

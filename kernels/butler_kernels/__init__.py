@@ -11,7 +11,8 @@ a kernel is first launched.
 
 from butler_kernels import ops, reference
 from butler_kernels.budgeted_attention import AttentionConfig, budgeted_attention_triton, default_attention_config
-from butler_kernels.dispatch import IMPLEMENTATIONS, default_impl, select, sparse_decode
+from butler_kernels.dispatch import IMPLEMENTATIONS, default_impl, select, sparse_decode, write_sketch
+from butler_kernels.sketch_write import sketch_write_triton
 from butler_kernels.ops import budgeted_attention as budgeted_attention_op
 from butler_kernels.ops import score_select as score_select_op
 from butler_kernels.score_select import (
@@ -26,6 +27,8 @@ __all__ = [
     "reference",
     "sparse_decode",
     "select",
+    "write_sketch",
+    "sketch_write_triton",
     "IMPLEMENTATIONS",
     "default_impl",
     "ops",

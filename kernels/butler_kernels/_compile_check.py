@@ -140,6 +140,15 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
         att_cfg = default_attention_config(b * h_kv, sinks + window + k, d, meta, sms=sms, dtype=dtype)
         launch = attention_launches(q, kv, kv, sel, start, end, None, sinks, window, d**-0.5, q, att_cfg)[0]
         builds.append(_build(att_mod, launch, f"B {b}, {str(dtype)[6:]}, GQA {group}, D {d}, int64 selection", arch))
+    # the sketch write of a decode step (16 new tokens) into a head-major pool
+    from butler_kernels.sketch_write import sketch_write_launch
+
+    pool = torch.empty(h_kv, 1 << 20, dp, device=meta, dtype=torch.bfloat16).transpose(0, 1)
+    keys = torch.empty(16, h_kv, d, device=meta, dtype=torch.bfloat16)
+    weight = torch.empty(h_kv, d, dp, device=meta, dtype=torch.bfloat16)
+    loc = torch.empty(16, dtype=torch.int64, device=meta)
+    launch = sketch_write_launch(pool, loc, keys, weight)
+    builds.append(_build(kernel_module("_sketch_kernels", "cuda"), launch, "16 tokens, bf16, D 128, d' 16, head-major pool", arch))
     return builds
 
 

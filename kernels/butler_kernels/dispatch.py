@@ -20,8 +20,9 @@ import butler_kernels.ops  # noqa: F401  (registers torch.ops.butler.*)
 from butler_kernels import reference
 from butler_kernels.budgeted_attention import budgeted_attention_triton
 from butler_kernels.score_select import score_select_reference, score_select_triton
+from butler_kernels.sketch_write import sketch_write_triton
 
-__all__ = ["IMPLEMENTATIONS", "default_impl", "select", "sparse_decode"]
+__all__ = ["IMPLEMENTATIONS", "default_impl", "select", "sparse_decode", "write_sketch"]
 
 IMPLEMENTATIONS = ("auto", "triton", "reference")
 _ENV = "BUTLER_KERNELS_IMPL"
@@ -66,6 +67,19 @@ def select(
     fn = score_select_triton if impl == "triton" else score_select_reference
     return fn(*args, sinks=sinks, window=window, k=budget, token_table=token_table, budget_per_row=budget_per_row,
               index_dtype=index_dtype)
+
+
+def write_sketch(pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weight: torch.Tensor, *, impl: str | None = None) -> None:
+    """Store the sketch of new keys ``[n, H_kv, D]`` (a layer's projection ``weight [H_kv, D, d']``)
+    at slots ``loc`` of the paged sketch ``pool [slots, H_kv, d']``, in place
+    (``reference.write_sketch``; ``impl`` as in ``sparse_decode``)."""
+    impl = default_impl() if impl is None else _check_impl(impl, "impl")
+    if impl == "auto":
+        torch.ops.butler.write_sketch(pool, loc, keys, weight)
+    elif impl == "triton":
+        sketch_write_triton(pool, loc, keys, weight)
+    else:
+        reference.write_sketch(pool, loc, keys, weight)
 
 
 def _check_budget(budget) -> None:

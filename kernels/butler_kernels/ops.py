@@ -16,8 +16,9 @@ from butler_kernels import reference
 from butler_kernels._checks import check_attention, check_score_select_layers
 from butler_kernels.budgeted_attention import budgeted_attention_triton
 from butler_kernels.score_select import score_select_reference, score_select_triton
+from butler_kernels.sketch_write import sketch_write_triton
 
-__all__ = ["score_select", "budgeted_attention"]
+__all__ = ["score_select", "budgeted_attention", "write_sketch"]
 
 
 @torch.library.custom_op("butler::score_select", mutates_args=())
@@ -87,3 +88,20 @@ def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sink
 def _budgeted_attention_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale):
     check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("butler::write_sketch", mutates_args=("pool",))
+def write_sketch(pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weight: torch.Tensor) -> None:
+    """Sketch of ``keys [n, H_kv, D]`` by ``weight [H_kv, D, d']`` into ``pool [slots, H_kv, d']`` at
+    slots ``loc [n]``, in place (``reference.write_sketch``)."""
+    reference.write_sketch(pool, loc, keys, weight)
+
+
+@write_sketch.register_kernel("cuda")
+def _write_sketch_cuda(pool, loc, keys, weight):
+    sketch_write_triton(pool, loc, keys, weight)
+
+
+@write_sketch.register_fake
+def _write_sketch_fake(pool, loc, keys, weight):
+    return None

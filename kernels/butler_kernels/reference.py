@@ -37,6 +37,8 @@ __all__ = [
     "budgeted_attention",
     "dense_decode_attention",
     "budget_for_rows",
+    "project_sketch",
+    "write_sketch",
 ]
 
 
@@ -240,3 +242,16 @@ def dense_decode_attention(
     logits = logits.masked_fill(~ok[:, None, None, :], float("-inf"))
     out = torch.einsum("bhgt,bhtd->bhgd", torch.softmax(logits, -1), v.float())
     return out.reshape(b, hq, v.shape[-1]).to(q.dtype)
+
+
+def project_sketch(keys: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Sketch of keys: ``keys [n, H_kv, D]`` (post-RoPE), ``weight [H_kv, D, d']`` (a layer's
+    ``ButlerPredictor.key_proj``) -> ``[n, H_kv, d']`` in ``keys``' dtype, computed in ``weight``'s
+    dtype (``ButlerPredictor.project_keys`` in the token-major layout of a KV pool)."""
+    return torch.einsum("nhd,hde->nhe", keys.to(weight.dtype), weight).to(keys.dtype)
+
+
+def write_sketch(pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weight: torch.Tensor) -> None:
+    """Store the sketch of ``keys [n, H_kv, D]`` into the paged sketch ``pool [slots, H_kv, d']`` at
+    slots ``loc [n]`` (in place, rounded to the pool's dtype)."""
+    pool[loc.long()] = project_sketch(keys, weight).to(pool.dtype)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from butler_kernels import reference, select, sparse_decode
+from butler_kernels import reference, select, sparse_decode, write_sketch
 from butler_kernels.score_select import layers_per_launch
 from butler_sglang import BACKEND_NAME
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
@@ -155,10 +155,8 @@ class ButlerState:
         buf = self.sketch.get(layer_id)
         if buf is None:
             return
-        k = keys.reshape(-1, self.num_kv_heads, self.head_dim)
-        # predictor.project_keys takes the dense layout [B, H_kv, T, D]
-        sk = self.predictor.project_keys(layer_id, k.transpose(0, 1).unsqueeze(0))[0].transpose(0, 1)
-        buf[loc] = sk.to(buf.dtype)
+        # predictor.project_keys in the pool's token-major layout, projection and store in one launch
+        write_sketch(buf, loc, keys.reshape(-1, self.num_kv_heads, self.head_dim), self.predictor.key_proj[layer_id - 1])
 
     # ----- producer queries ------------------------------------------------------------------
     def _producer_hook(self, producer: int):
