@@ -201,6 +201,24 @@ def test_sketch_write_matches_reference(dtype, d, dp):
         sketch_write_triton(pool, loc, keys, weight[:, :, :1])
 
 
+@pytest.mark.parametrize("serial_cap", [None, 8])
+def test_workspace_bytes_is_what_a_call_allocates(monkeypatch, serial_cap):
+    import butler_kernels.score_select as ss
+
+    allocated = []
+    real = ss.scratch
+    monkeypatch.setattr(ss, "scratch", lambda shape, dtype, device: allocated.append(real(shape, dtype, device)) or allocated[-1])
+    gen = torch.Generator().manual_seed(5)
+    b, h_kv, t = 3, 2, 150
+    q_sel, sketch = torch.randn(b, h_kv, 16, generator=gen), torch.randn(b, h_kv, t, 16, generator=gen)
+    start, end = _rows(b, t, True, gen)
+    cfg = dataclasses.replace(SMALL_SELECT, serial_cap=serial_cap)
+    score_select_triton(q_sel, sketch, start, end, sinks=S, window=W, k=10, config=cfg)
+    ws = b * h_kv * ss._WS_STRIDE * 4  # the zeroed histograms and counters
+    used = sum(x.numel() * x.element_size() for x in allocated) + ws
+    assert used == ss.workspace_bytes(b, h_kv, t, boundary_pass=serial_cap is not None)
+
+
 def test_select_default_config_and_int64():
     gen = torch.Generator().manual_seed(1)
     q_sel = torch.randn(2, 8, 16, generator=gen)

@@ -97,11 +97,13 @@ def layers_per_launch(rows_per_layer: int, max_rows: int = 256) -> int:
     return max(1, max_rows // max(rows_per_layer, 1))
 
 
-def workspace_bytes(batch: int, num_kv_heads: int, length: int) -> int:
-    """Scratch memory one call allocates (keys, boundary positions, histograms): 8 bytes per
-    (row, KV head, position of the cache or table) plus ~16 KB per (row, KV head)."""
+def workspace_bytes(batch: int, num_kv_heads: int, length: int, boundary_pass: bool = True) -> int:
+    """Scratch memory one call allocates (keys, boundary positions, histograms): per (row, KV head,
+    position of the cache or table) 4 bytes of key and 8 of boundary positions (4 without the
+    boundary pass, ``SelectConfig.serial_cap=None``), plus ~16 KB per (row, KV head). A call over
+    L layers takes L times this."""
     rows = batch * num_kv_heads
-    return rows * (2 * length + _WS_STRIDE) * 4
+    return rows * ((3 if boundary_pass else 2) * max(length, 1) + _WS_STRIDE) * 4
 
 
 def score_select_triton(

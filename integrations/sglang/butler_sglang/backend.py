@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from butler_kernels import reference, select, sparse_decode, write_sketch
-from butler_kernels.score_select import layers_per_launch
+from butler_kernels.score_select import layers_per_launch, workspace_bytes
 from butler_sglang import BACKEND_NAME
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -50,8 +50,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ButlerState", "TokenButlerAttnBackend", "create_backend", "resolve_for_runner"]
 
 _STATE_ATTR = "_tokenbutler_state"
-# Scratch of one selection launch over several layers (keys and boundary buffers: 12 bytes per
-# layer, row, KV head and table position): layers are batched up to this, one at a time beyond.
+# Scratch of one selection launch over several layers (score_select.workspace_bytes per layer):
+# layers are batched up to this, one at a time beyond.
 _SELECTION_SCRATCH_CAP = 256 * 2**20
 
 
@@ -128,7 +128,6 @@ class ButlerState:
         self.decode_step = None
         self.decode_budget = 0
         self.selections: dict[int, torch.Tensor] = {}
-        self._selection_scratch_cap = _SELECTION_SCRATCH_CAP
 
         layers = get_family(cfg.base_model_type).decoder_layers(model_runner.model)
         self._handles = [
@@ -197,10 +196,9 @@ class ButlerState:
         layers = [l for l in self.config.served_layers(producer) if l in self.sketch]
         if not layers:
             return
-        h_kv, t = self.num_kv_heads, step.token_table.shape[1]
-        # keys + two side buffers, int32, per (layer, row, KV head, table position)
-        per_layer = 12 * bs * h_kv * max(t, 1)
-        per_call = max(1, min(len(layers), self._selection_scratch_cap // max(per_layer, 1), layers_per_launch(bs * h_kv)))
+        h_kv = self.num_kv_heads
+        per_layer = workspace_bytes(bs, h_kv, step.token_table.shape[1])
+        per_call = max(1, min(len(layers), _SELECTION_SCRATCH_CAP // per_layer, layers_per_launch(bs * h_kv)))
         _, first_slot = self.config.producer_of(layers[0])
         queries = self.queries[producer][:bs]
         for i in range(0, len(layers), per_call):
