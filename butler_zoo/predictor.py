@@ -39,8 +39,17 @@ class QueryProducer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., E] -> [..., n_layers, n_heads, d']``"""
-        x = self.fc2(nn.functional.silu(self.fc1(self.norm(hidden))))
-        return x.unflatten(-1, self.out_shape)
+        return self.from_normed(self.norm(hidden))
+
+    def from_normed(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP after the norm: ``[..., E] -> [..., n_layers, n_heads, d']``. ``out`` (``[n,
+        n_layers * n_heads * d']`` for ``x [n, E]``) receives the result in place: a runtime's
+        preallocated query buffer, without a copy."""
+        h = nn.functional.silu(self.fc1(x))
+        if out is None:
+            return self.fc2(h).unflatten(-1, self.out_shape)
+        torch.mm(h, self.fc2.weight.t(), out=out)
+        return out.unflatten(-1, self.out_shape)
 
 
 class ButlerPredictor(
@@ -89,6 +98,13 @@ class ButlerPredictor(
         ``hidden [..., E] -> [..., n_served, H_sel, d']`` in ``hidden``'s dtype."""
         mod = self.producers[producer]
         return mod(hidden.to(mod.fc1.weight.dtype)).to(hidden.dtype)
+
+    def producer_queries_from_normed(self, producer: int, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`producer_queries` after the producer's LayerNorm (``producers[producer].norm``),
+        for runtimes that fuse the norm with the base's deferred residual add
+        (``butler_kernels.residual_layer_norm``): ``normed [n, E]`` in the predictor's dtype,
+        ``out`` as in :meth:`QueryProducer.from_normed`."""
+        return self.producers[producer].from_normed(normed, out)
 
     def project_keys(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """Sketch of layer ``layer``'s post-RoPE keys: ``[B, H_kv, T, D] -> [B, H_kv, T, d']``."""

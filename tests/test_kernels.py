@@ -29,9 +29,11 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from butler_kernels import (  # noqa: E402
     AttentionConfig,
+    NewSketch,
     SelectConfig,
     budgeted_attention_triton,
     reference,
+    residual_layer_norm_triton,
     score_select_reference,
     score_select_triton,
     sketch_write_triton,
@@ -199,6 +201,41 @@ def test_sketch_write_matches_reference(dtype, d, dp):
     assert torch.equal(pool[untouched], want[untouched])
     with pytest.raises(ValueError, match="shapes do not match"):
         sketch_write_triton(pool, loc, keys, weight[:, :, :1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("e,with_residual,with_bias", [(576, True, True), (100, False, True), (4096, True, False)])
+def test_residual_layer_norm_matches_reference(dtype, e, with_residual, with_bias):
+    """The producer's fused add + LayerNorm equals ``layer_norm(hidden + residual)`` (strided rows,
+    as SGLang's hidden slices may be) to one rounding of the dtype: Triton 3.6's interpreter
+    truncates fp32 to bf16 where the GPU rounds to nearest."""
+    gen = torch.Generator().manual_seed(e)
+    hidden = (3 * torch.randn(5, 2 * e, generator=gen)).to(dtype)[:, :e]
+    residual = (10 * torch.randn(5, e, generator=gen)).to(dtype) if with_residual else None
+    weight = torch.randn(e, generator=gen).to(dtype)
+    bias = torch.randn(e, generator=gen).to(dtype) if with_bias else None
+    want = reference.residual_layer_norm(hidden, residual, weight, bias, 1e-5)
+    got = residual_layer_norm_triton(hidden, residual, weight, bias, 1e-5)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    if residual is not None:  # the sum is rounded to the dtype before the norm, as the eager add is
+        assert torch.equal(want, torch.nn.functional.layer_norm(hidden + residual, (e,), weight, bias, 1e-5))
+    assert torch.equal(residual_layer_norm_triton(hidden[:0], None, weight, bias, 1e-5), hidden[:0])
+    torch.library.opcheck(torch.ops.butler.residual_layer_norm.default, (hidden, residual, weight, bias, 1e-5))
+
+
+def test_residual_layer_norm_rejects_bad_input():
+    h, w = torch.randn(3, 8), torch.randn(8)
+    for args, error, match in [
+        ((h[0], None, w, None), ValueError, "hidden must be \\[n, E\\]"),
+        ((h, torch.randn(3, 7), w, None), ValueError, "residual must have hidden's shape"),
+        ((h, None, torch.randn(7), None), ValueError, "weight must be \\[E\\] = \\[8\\]"),
+        ((h, h.half(), w, None), TypeError, "must share one dtype"),
+        ((h.int(), None, w, None), TypeError, "hidden must be float16/bfloat16/float32"),
+    ]:
+        for fn in (residual_layer_norm_triton, torch.ops.butler.residual_layer_norm):
+            with pytest.raises(error, match=match):
+                fn(*args, 1e-5)
 
 
 @pytest.mark.parametrize("serial_cap", [None, 8])
@@ -503,12 +540,55 @@ def test_attention_matches_reference(layout, group, d, dtype):
     q, kbuf, vbuf, sel, start, end, table = _attention_case(2, 2, group, 90, d, 20, dtype, layout, gen)
     sel = sel.int() if group % 2 else sel  # both index dtypes
     scale = 1.0 / math.sqrt(d)
-    for splits in (1, 3):
+    ref = reference.budgeted_attention(q, kbuf, vbuf, sel, start, end, S, W, scale, table)
+    counters = torch.zeros(9, dtype=torch.int32)  # more than B * H_kv = 4: a caller's larger buffer
+    for splits, split_counters in ((1, None), (3, None), (3, counters), (5, counters)):
         out = torch.full_like(q, float("nan"))
         cfg = AttentionConfig(num_splits=splits, block_n=16)
-        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=scale, token_table=table, out=out, config=cfg)
-        ref = reference.budgeted_attention(q, kbuf, vbuf, sel, start, end, S, W, scale, table)
+        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=scale, token_table=table,
+                                  out=out, config=cfg, split_counters=split_counters)
         torch.testing.assert_close(out.float(), ref.float(), rtol=_tol(dtype), atol=_tol(dtype))
+        # the last split of each (row, KV head) merged and reset its ticket: reusable as is
+        assert not counters.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_writes_new_sketch(dtype):
+    """The step's sketch write folded into the attention launch equals ``reference.write_sketch``
+    (to one rounding), leaves other slots alone and does not change the attention output."""
+    gen = torch.Generator().manual_seed(8)
+    b, h_kv, group, t, d, dp = 3, 2, 4, 70, 64, 16
+    q, kbuf, vbuf, sel, start, end, table = _attention_case(b, h_kv, group, t, d, 12, dtype, "paged", gen)
+    keys = torch.randn(b, h_kv * 2, d, generator=gen).to(dtype)[:, ::2]  # strided, as a slice of SGLang's k
+    weight = (torch.randn(h_kv, d, dp, generator=gen) / d**0.5).to(dtype)
+    slots = kbuf.shape[0]
+    loc = torch.randperm(slots, generator=gen)[:b]
+    want_pool = torch.randn(h_kv, slots, dp, generator=gen).to(dtype).transpose(0, 1)  # head-major
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[loc] = False
+    before = want_pool.clone()
+    reference.write_sketch(want_pool, loc, keys, weight)
+    want_out = reference.budgeted_attention(q, kbuf, vbuf, sel, start, end, S, W, 0.125, table)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+    for splits in (1, 3):
+        pool = before.clone()
+        out = budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=0.125, token_table=table,
+                                        config=AttentionConfig(num_splits=splits, block_n=16),
+                                        new_sketch=NewSketch(pool, loc.int(), keys, weight))
+        torch.testing.assert_close(pool.float(), want_pool.float(), rtol=tol, atol=tol)
+        assert torch.equal(pool[untouched], before[untouched])
+        torch.testing.assert_close(out.float(), want_out.float(), rtol=_tol(dtype), atol=_tol(dtype))
+    # the op (reference off CUDA) and its schema: all four tensors or none
+    pool = before.clone()
+    args = (q, kbuf, vbuf, sel, start, end, table, S, W, 0.125, None, pool, loc, keys, weight)
+    torch.ops.butler.budgeted_attention(*args)
+    assert torch.equal(pool, want_pool)
+    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, args)
+    with pytest.raises(ValueError, match="go together: pass all four or none"):
+        torch.ops.butler.budgeted_attention(*args[:-1], None)
+    with pytest.raises(ValueError, match="one new token per row"):
+        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=0.125, token_table=table,
+                                  new_sketch=NewSketch(pool, loc[:2], keys[:2], weight))
 
 
 def test_attention_fp32_and_default_config():
@@ -583,6 +663,8 @@ def test_custom_ops_opcheck_and_compile():
     torch.library.opcheck(torch.ops.butler.score_select.default, select_args)
     sel = torch.ops.butler.score_select(*select_args)
     torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125))
+    counters = torch.zeros(q.shape[0] * kbuf.shape[1], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125, counters))
     # several layers at once, and the sketch write (a mutating op)
     layered = (q_sel.expand(3, -1, -1, -1), sketch.expand(3, -1, -1, -1, -1), *select_args[2:])
     torch.library.opcheck(torch.ops.butler.score_select.default, layered)
@@ -676,6 +758,11 @@ def test_attention_and_dispatch_reject_bad_input():
         budgeted_attention_triton(q, kbuf, kbuf, sel, start, end, out=torch.empty(2, 8, 32), **kw)
     with pytest.raises(ValueError, match="needs token_table"):
         budgeted_attention_triton(q, torch.randn(60, 2, 64), torch.randn(60, 2, 64), sel, start, end, **kw)
+    for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(4), torch.zeros(8, dtype=torch.int32)[::2]):
+        with pytest.raises(ValueError, match="split_counters must be a contiguous int32 tensor of at least B \\* H_kv = 4"):
+            budgeted_attention_triton(q, kbuf, kbuf, sel, start, end, split_counters=bad, **kw)
+        with pytest.raises(ValueError, match="split_counters must be"):
+            torch.ops.butler.budgeted_attention(q, kbuf, kbuf, sel, start, end, None, S, W, 0.1, bad)
     q_sel, sketch = torch.randn(2, 2, 16), torch.randn(2, 2, 30, 16)
     common = dict(sinks=S, window=W, scale=0.1)
     with pytest.raises(ValueError, match="budget must be >= 0"):
@@ -713,7 +800,8 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-4000:]
     builds = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {b["kernel"] for b in builds} == {
-        "_score_hist_kernel", "_compact_kernel", "_boundary_kernel", "_attn_split_kernel", "_merge_kernel", "_sketch_write_kernel"
+        "_score_hist_kernel", "_compact_kernel", "_boundary_kernel", "_attn_split_kernel", "_sketch_write_kernel",
+        "_residual_layer_norm_kernel",
     }
     for b in builds:
         assert b["spill_bytes"] == 0, f"{b['kernel']} ({b['variant']}) spills {b['spill_bytes']} bytes"

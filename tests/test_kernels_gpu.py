@@ -17,6 +17,7 @@ from butler_kernels import (
     SelectConfig,
     budgeted_attention_triton,
     reference,
+    residual_layer_norm_triton,
     score_select_triton,
     sketch_write_triton,
     sparse_decode,
@@ -305,6 +306,46 @@ def test_attention(layout, group, d, dtype, b, t, k):
         assert errs[-1] < _ATT_TOL[dtype], f"config {cfg}: relative error {errs[-1]:.2e}"
     errors = "max rel err " + ", ".join(f"{e:.1e}" for e in errs)
     _RESULTS.append(("attention", f"{layout} G{group} D{d} {str(dtype)[6:]} B{b} T{t}", errors))
+
+
+def test_attention_split_counters_reused():
+    """A caller's ticket counters (the SGLang backend's, shared by every layer and step) give the
+    bits of a fresh zeroed buffer per call, eager and replayed from a CUDA graph, and are left
+    zeroed: whichever split finishes last merges, always in split order."""
+    gen = _gen(33)
+    q, kbuf, vbuf, sel, start, end, table = _attention_inputs(8, 8, 4, 32768, 128, 3000, torch.bfloat16, "paged", gen)
+    kw = dict(sinks=64, window=256, scale=128**-0.5, token_table=table, config=AttentionConfig(num_splits=9, block_n=32))
+    want = budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, **kw)
+    counters = torch.zeros(8 * 8 + 5, dtype=torch.int32, device=DEV)
+    for _ in range(5):
+        assert torch.equal(budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, split_counters=counters, **kw), want)
+        assert not counters.any()
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(3):  # three "layers" on one buffer
+            budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, split_counters=counters, out=out, **kw)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want) and not counters.any()
+    _RESULTS.append(("attention split counters", "paged B8 T32K, 9 splits, eager x5 + graph x3", "bit-equal, left zeroed"))
+
+
+@pytest.mark.parametrize("n,e", [(8, 4096), (1, 576), (160, 8192)])
+def test_residual_layer_norm(n, e):
+    gen = _gen(n + e)
+    hidden = (3 * torch.randn(n, e, generator=gen, device=DEV)).to(torch.bfloat16)
+    residual = (10 * torch.randn(n, e, generator=gen, device=DEV)).to(torch.bfloat16)
+    weight = torch.randn(e, generator=gen, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(e, generator=gen, device=DEV).to(torch.bfloat16)
+    want = reference.residual_layer_norm(hidden, residual, weight, bias, 1e-5)
+    got = residual_layer_norm_triton(hidden, residual, weight, bias, 1e-5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+    mism = (got != want).float().mean().item()
+    _RESULTS.append(("residual LayerNorm", f"{n} x {e} bf16", f"max abs diff {(got.float() - want.float()).abs().max().item():.1e}, "
+                     f"{100 * mism:.2f}% of values differ"))
 
 
 @pytest.mark.parametrize("layout", ["dense", "paged"])

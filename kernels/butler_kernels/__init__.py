@@ -10,8 +10,9 @@ a kernel is first launched.
 """
 
 from butler_kernels import ops, reference
-from butler_kernels.budgeted_attention import AttentionConfig, budgeted_attention_triton, default_attention_config
-from butler_kernels.dispatch import IMPLEMENTATIONS, default_impl, select, sparse_decode, write_sketch
+from butler_kernels.budgeted_attention import AttentionConfig, NewSketch, budgeted_attention_triton, default_attention_config
+from butler_kernels.dispatch import IMPLEMENTATIONS, default_impl, residual_layer_norm, select, sparse_decode, write_sketch
+from butler_kernels.producer_norm import residual_layer_norm_triton
 from butler_kernels.sketch_write import sketch_write_triton
 from butler_kernels.ops import budgeted_attention as budgeted_attention_op
 from butler_kernels.ops import score_select as score_select_op
@@ -29,6 +30,8 @@ __all__ = [
     "select",
     "write_sketch",
     "sketch_write_triton",
+    "residual_layer_norm",
+    "residual_layer_norm_triton",
     "IMPLEMENTATIONS",
     "default_impl",
     "ops",
@@ -39,6 +42,7 @@ __all__ = [
     "budgeted_attention_triton",
     "SelectConfig",
     "AttentionConfig",
+    "NewSketch",
     "default_select_config",
     "default_attention_config",
     "workspace_bytes",

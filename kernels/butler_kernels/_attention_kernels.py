@@ -8,8 +8,10 @@ sinks - window]``; entries past the row's ranges and ``-1`` selections are maske
 split across programs (grid: KV head x split x row) so that batch 1 still fills the GPU; each
 program loads one K/V tile per block and uses it for every query head of the GQA group (the
 query heads are the M dimension of the dot), keeps an online softmax in fp32 and writes a
-normalised partial output and its base-2 log-sum-exp; ``_merge_kernel`` combines the splits.
-With a single split the first kernel writes the output directly.
+normalised partial output and its base-2 log-sum-exp. The last split of a (row, KV head) to
+finish (a ticket per pair) combines them into the output; with a single split the program writes
+the output directly. Either way one launch per call: a separate merge launch cost ~2.5 us per
+layer and step in the SGLang server (kernel plus launch gap, batch 8 x 32K on the H100).
 """
 
 import triton
@@ -76,12 +78,15 @@ def _attn_split_kernel(
     tt_ptr, stride_ttb, stride_ttt,
     sel_ptr, stride_sb, stride_sh, stride_sn,
     start_ptr, end_ptr,
-    po_ptr, plse_ptr,
+    po_ptr, plse_ptr, cnt_ptr,
     o_ptr, stride_ob, stride_oh, stride_od,
+    nk_ptr, stride_nkb, stride_nkh, stride_nkd, nloc_ptr, stride_nloc,
+    w_ptr, stride_wh, stride_wd, stride_we, sp_ptr, stride_sps, stride_sph, stride_spe,
     n_sel, sinks, window, n_iters, num_splits, qk_scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, COUNTED_LOOP: tl.constexpr,
+    BLOCK_S: tl.constexpr, DIRECT: tl.constexpr, COUNTED_LOOP: tl.constexpr,
     PAGED: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    WRITE_SKETCH: tl.constexpr, DP: tl.constexpr, BLOCK_DP: tl.constexpr,
 ):
     h = tl.program_id(0)
     s = tl.program_id(1)
@@ -134,39 +139,82 @@ def _attn_split_kernel(
             )
             it += 1
 
+    if WRITE_SKETCH:
+        if s == num_splits - 1:  # the split with the fewest entries
+            _write_new_sketch(nk_ptr + b64 * stride_nkb + h64 * stride_nkh, stride_nkd, nloc_ptr + b64 * stride_nloc,
+                              w_ptr + h64 * stride_wh, stride_wd, stride_we, sp_ptr + h64 * stride_sph, stride_sps,
+                              stride_spe, dd, dmask, DP, BLOCK_DP)
+
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     heads = h * GROUP + g
+    o_rows = o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + dd[None, :] * stride_od
     if DIRECT:
-        tl.store(
-            o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + dd[None, :] * stride_od,
-            out.to(o_ptr.dtype.element_ty),
-            mask=gmask[:, None] & dmask[None, :],
-        )
+        tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
     else:
         lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        part = (b64 * tl.num_programs(0) * GROUP + heads) * num_splits + s  # [B, H_q, splits] flat
-        tl.store(plse_ptr + part, lse, mask=gmask)
-        tl.store(po_ptr + part[:, None] * D + dd[None, :], out, mask=gmask[:, None] & dmask[None, :])
+        first = (b64 * tl.num_programs(0) * GROUP + heads) * num_splits  # [B, H_q, splits] flat
+        tl.store(plse_ptr + first + s, lse, mask=gmask)
+        tl.store(po_ptr + (first + s)[:, None] * D + dd[None, :], out, mask=gmask[:, None] & dmask[None, :])
+        # Every thread's partial is written before the ticket (release); the last split's loads
+        # of the others' partials come after it (acquire) and bypass L1.
+        tl.debug_barrier()
+        cnt = cnt_ptr + b64 * tl.num_programs(0) + h64
+        ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            _merge_splits(po_ptr, plse_ptr, first, num_splits, o_rows, gmask, dd, dmask, D, BLOCK_S, G_PAD, BLOCK_D,
+                          COUNTED_LOOP)
+            # Left zeroed for the next call: the counters need no clearing launch.
+            tl.store(cnt, 0)
 
 
 @triton.jit
-def _merge_kernel(
-    po_ptr, plse_ptr, o_ptr, stride_ob, stride_oh, stride_od, num_splits,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+def _write_new_sketch(key_row, stride_kd, loc, w_head, stride_wd, stride_we, pool_head, stride_ps, stride_pe, dd, dmask,
+                      DP: tl.constexpr, BLOCK_DP: tl.constexpr):
+    """The sketch write of the decode step (``reference.write_sketch`` of the row's new key for
+    this KV head), folded into the launch that attends it: one key times ``W [D, d']``, rounded
+    to the weight's dtype as the reference's matmul output is."""
+    ee = tl.arange(0, BLOCK_DP)
+    emask = ee < DP
+    w = tl.load(w_head + dd[:, None] * stride_wd + ee[None, :] * stride_we, mask=dmask[:, None] & emask[None, :], other=0.0)
+    key = tl.load(key_row + dd * stride_kd, mask=dmask, other=0.0).to(w.dtype)
+    sk = tl.sum(key.to(tl.float32)[:, None] * w.to(tl.float32), 0).to(w.dtype)
+    slot = tl.load(loc).to(tl.int64)
+    tl.store(pool_head + slot * stride_ps + ee * stride_pe, sk.to(pool_head.dtype.element_ty), mask=emask)
+
+
+@triton.jit
+def _merge_splits(
+    po_ptr, plse_ptr, first, num_splits, o_rows, gmask, dd, dmask,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, COUNTED_LOOP: tl.constexpr,
 ):
-    hq = tl.program_id(0)
-    b = tl.program_id(1)
+    """Output of the GQA group's heads from the ``num_splits`` partials: softmax weights from the
+    splits' log-sum-exps, relative to their maximum."""
     ss = tl.arange(0, BLOCK_S)
-    smask = ss < num_splits
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    base = (b.to(tl.int64) * tl.num_programs(0) + hq) * num_splits
-    lse = tl.load(plse_ptr + base + ss, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
+    lse_all = tl.load(
+        plse_ptr + first[:, None] + ss[None, :], mask=gmask[:, None] & (ss[None, :] < num_splits),
+        other=float("-inf"), cache_modifier=".cg",
+    )
+    m = tl.max(lse_all, 1)
     m_sub = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m_sub)
-    part = tl.load(po_ptr + (base + ss)[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-    den = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + dd * stride_od, out.to(o_ptr.dtype.element_ty), mask=dmask)
+    den = tl.sum(tl.math.exp2(lse_all - m_sub[:, None]), 1)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    if COUNTED_LOOP:
+        for i in range(0, num_splits):
+            acc = _add_split(acc, po_ptr, plse_ptr, first + i, m_sub, gmask, dd, dmask, D)
+    else:
+        # The interpreter cannot use a run-time value as a range bound (see the split loop).
+        i = tl.zeros([], tl.int32)
+        while i < num_splits:
+            acc = _add_split(acc, po_ptr, plse_ptr, first + i, m_sub, gmask, dd, dmask, D)
+            i += 1
+    out = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+    tl.store(o_rows, out.to(o_rows.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _add_split(acc, po_ptr, plse_ptr, part, m_sub, gmask, dd, dmask, D: tl.constexpr):
+    w = tl.math.exp2(tl.load(plse_ptr + part, mask=gmask, other=float("-inf"), cache_modifier=".cg") - m_sub)
+    po = tl.load(po_ptr + part[:, None] * D + dd[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0,
+                 cache_modifier=".cg")
+    return acc + w[:, None] * po

@@ -127,6 +127,17 @@ def check_score_select_layers(
     return (n_layers, *check_score_select(q_sel[0], sketch[0], start, end, token_table, budget_per_row, sinks, window, k, index_dtype))
 
 
+def check_split_counters(counters: torch.Tensor, pairs: int, device) -> None:
+    """The attention kernel's ticket counters: zeroed int32, one per (row, KV head)."""
+    if counters.dtype != torch.int32 or not counters.is_contiguous() or counters.numel() < pairs:
+        _fail(
+            f"split_counters must be a contiguous int32 tensor of at least B * H_kv = {pairs} zeros, got "
+            f"{counters.dtype} of shape {list(counters.shape)}{'' if counters.is_contiguous() else ' (not contiguous)'}"
+        )
+    if counters.device != torch.device(device):
+        _fail(f"split_counters is on {counters.device}, q on {device}")
+
+
 def check_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,

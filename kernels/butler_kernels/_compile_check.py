@@ -149,6 +149,13 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
     loc = torch.empty(16, dtype=torch.int64, device=meta)
     launch = sketch_write_launch(pool, loc, keys, weight)
     builds.append(_build(kernel_module("_sketch_kernels", "cuda"), launch, "16 tokens, bf16, D 128, d' 16, head-major pool", arch))
+    # the producer's input norm at decode (Llama-3.1-8B's hidden size)
+    from butler_kernels.producer_norm import residual_norm_launch
+
+    hidden = torch.empty(16, 4096, device=meta, dtype=torch.bfloat16)
+    norm_w = torch.empty(4096, device=meta, dtype=torch.bfloat16)
+    launch = residual_norm_launch(hidden, hidden, norm_w, norm_w, 1e-5, hidden)
+    builds.append(_build(kernel_module("_norm_kernels", "cuda"), launch, "16 rows of 4096, bf16, residual and bias", arch))
     return builds
 
 

@@ -9,16 +9,40 @@ positions, once per GQA group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from butler_kernels._checks import check_attention, check_out
+from butler_kernels._checks import check_attention, check_out, check_split_counters
 from butler_kernels._triton_loader import Launch, num_sms, run_launches, scratch, triton_interpreted
 
-__all__ = ["AttentionConfig", "default_attention_config", "budgeted_attention_triton"]
+__all__ = ["AttentionConfig", "NewSketch", "default_attention_config", "budgeted_attention_triton"]
 
 _KERNELS = "_attention_kernels"
 _LOG2E = 1.4426950408889634
+
+
+class NewSketch(NamedTuple):
+    """A decode step's sketch write, folded into its attention launch: the sketch of each row's
+    new key ``keys [B, H_kv, D]`` by the layer's ``weight [H_kv, D, d']``, stored at slot ``loc[b]``
+    of ``pool [slots, H_kv, d']`` (``reference.write_sketch``; any strides). The attention does not
+    read it: it saves the write its own launch (~2 us per layer and step in the SGLang server)."""
+
+    pool: torch.Tensor
+    loc: torch.Tensor
+    keys: torch.Tensor
+    weight: torch.Tensor
+
+
+def check_new_sketch(new_sketch: NewSketch, b: int, h_kv: int, d: int, device) -> None:
+    from butler_kernels.sketch_write import check_sketch_write
+
+    pool, loc, keys, weight = new_sketch
+    check_sketch_write(pool, loc, keys, weight)
+    if tuple(keys.shape) != (b, h_kv, d):
+        raise ValueError(f"new_sketch.keys must be [B, H_kv, D] = {[b, h_kv, d]} (one new token per row), got {list(keys.shape)}")
+    if keys.device != torch.device(device):
+        raise ValueError(f"new_sketch is on {keys.device}, q on {device}")
 
 
 @dataclass(frozen=True)
@@ -74,13 +98,25 @@ def budgeted_attention_triton(
     token_table: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
+    split_counters: torch.Tensor | None = None,
+    new_sketch: NewSketch | None = None,
 ) -> torch.Tensor:
     """``q [B, H_q, D]`` attends to sinks + window + ``sel [B, H_kv, n]`` (``-1`` = empty) of K/V,
     dense ``[B, H_kv, T, D]`` (any strides) or paged ``[slots, H_kv, D]`` with ``token_table
     [B, T]``. Returns ``[B, H_q, D]`` in ``q``'s dtype, written to ``out`` (any strides) when given.
     CPU tensors run in the Triton interpreter. A row with nothing to attend to (``start == end``
-    and no selection) gets zeros."""
+    and no selection) gets zeros.
+
+    ``split_counters``: a zeroed contiguous int32 tensor of at least ``B * H_kv`` elements, which
+    the kernel leaves zeroed, for the tickets of its splits; reusable by every call on one stream
+    (two launches running at once must not share it). Without it each call zeroes a new one, an
+    extra fill launch. ``new_sketch``: the step's sketch write (:class:`NewSketch`), done by the
+    same launch."""
     b, h_kv, group, d = check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
+    if split_counters is not None:
+        check_split_counters(split_counters, b * h_kv, q.device)
+    if new_sketch is not None:
+        check_new_sketch(new_sketch, b, h_kv, d, q.device)
     device = q.device
     hq = q.shape[1]
     if out is None:
@@ -92,11 +128,17 @@ def budgeted_attention_triton(
     cfg = config or default_attention_config(
         b * h_kv, sinks + window + sel.shape[-1], d, device, dtype=q.dtype, paged=k_buf.dim() == 3
     )
-    run_launches(_KERNELS, attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, out, cfg))
+    launches = attention_launches(
+        q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, out, cfg, split_counters, new_sketch
+    )
+    run_launches(_KERNELS, launches)
     return out
 
 
-def attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, out, cfg: AttentionConfig) -> list[Launch]:
+def attention_launches(
+    q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, out, cfg: AttentionConfig, split_counters=None,
+    new_sketch: NewSketch | None = None,
+) -> list[Launch]:
     """Scratch buffers and kernel launches of one attention call (checked arguments, B >= 1).
     Separate from the launch itself so that ``_compile_check`` builds exactly what runs."""
     device = q.device
@@ -120,29 +162,32 @@ def attention_launches(q, k_buf, v_buf, sel, start, end, token_table, sinks, win
     if num_splits > 1:
         part_out = scratch((b, hq, num_splits, d), torch.float32, device)
         part_lse = scratch((b, hq, num_splits), torch.float32, device)
+        counters = split_counters if split_counters is not None else torch.zeros(b * h_kv, dtype=torch.int32, device=device)
     else:
-        part_out = part_lse = out  # never read or written: the split kernel writes out itself
+        part_out = part_lse = counters = out  # never read or written: the split kernel writes out itself
     block_d = max(16, 1 << (d - 1).bit_length())
-    launches = [
+    if new_sketch is not None:
+        pool, loc, keys, weight = new_sketch
+        dp = weight.shape[2]
+        sketch_args = (keys, *keys.stride(), loc, loc.stride(0), weight, *weight.stride(), pool, *pool.stride())
+    else:
+        dp = 1
+        sketch_args = (q, 0, 0, 0, start, 0, q, 0, 0, 0, q, 0, 0, 0)  # never read: any valid pointers
+    return [
         Launch(
             "_attn_split_kernel", (h_kv, num_splits, b),
             (q, *q.stride(), k_buf, *k_strides, v_buf, *v_strides, tt, *tt_strides, sel, *sel.stride(),
-             start, end, part_out, part_lse, out, *out.stride(),
+             start, end, part_out, part_lse, counters, out, *out.stride(), *sketch_args,
              n_sel, sinks, window, n_iters, num_splits, float(scale) * _LOG2E),
             dict(
                 GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()), D=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+                BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
                 DIRECT=num_splits == 1, COUNTED_LOOP=not interpreted, PAGED=paged, IEEE_DOT=q.dtype == torch.float32,
                 # Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16
                 # storage: interpreted runs feed the same (bf16-rounded) values as fp32.
                 UPCAST_DOT=interpreted and q.dtype == torch.bfloat16,
+                WRITE_SKETCH=new_sketch is not None, DP=dp, BLOCK_DP=max(16, 1 << (dp - 1).bit_length()),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             ),
         )
     ]
-    if num_splits > 1:
-        launches.append(Launch(
-            "_merge_kernel", (hq, b),
-            (part_out, part_lse, out, *out.stride(), num_splits),
-            dict(D=d, BLOCK_D=block_d, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4, num_stages=1),
-        ))
-    return launches

@@ -18,11 +18,12 @@ import torch
 
 import butler_kernels.ops  # noqa: F401  (registers torch.ops.butler.*)
 from butler_kernels import reference
-from butler_kernels.budgeted_attention import budgeted_attention_triton
+from butler_kernels.budgeted_attention import NewSketch, budgeted_attention_triton
 from butler_kernels.score_select import score_select_reference, score_select_triton
+from butler_kernels.producer_norm import residual_layer_norm_triton
 from butler_kernels.sketch_write import sketch_write_triton
 
-__all__ = ["IMPLEMENTATIONS", "default_impl", "select", "sparse_decode", "write_sketch"]
+__all__ = ["IMPLEMENTATIONS", "default_impl", "residual_layer_norm", "select", "sparse_decode", "write_sketch"]
 
 IMPLEMENTATIONS = ("auto", "triton", "reference")
 _ENV = "BUTLER_KERNELS_IMPL"
@@ -82,6 +83,21 @@ def write_sketch(pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weig
         reference.write_sketch(pool, loc, keys, weight)
 
 
+def residual_layer_norm(
+    hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+    *, impl: str | None = None,
+) -> torch.Tensor:
+    """``layer_norm(hidden + residual)`` of ``[n, E]`` rows in one launch (a producer's input norm
+    under a base that defers its residual add; ``reference.residual_layer_norm``; ``impl`` as in
+    ``sparse_decode``)."""
+    impl = default_impl() if impl is None else _check_impl(impl, "impl")
+    if impl == "auto":
+        return torch.ops.butler.residual_layer_norm(hidden, residual, weight, bias, eps)
+    if impl == "triton":
+        return residual_layer_norm_triton(hidden, residual, weight, bias, eps)
+    return reference.residual_layer_norm(hidden, residual, weight, bias, eps)
+
+
 def _check_budget(budget) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, torch.SymInt)):
         raise TypeError(
@@ -108,6 +124,8 @@ def sparse_decode(
     token_table: torch.Tensor | None = None,
     budget_per_row: torch.Tensor | None = None,
     selection: torch.Tensor | None = None,
+    split_counters: torch.Tensor | None = None,
+    new_sketch: NewSketch | None = None,
     impl: str | None = None,
     index_dtype: torch.dtype = torch.int32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +139,13 @@ def sparse_decode(
     fraction of the context.
 
     ``selection [B, H_kv, n]`` (a previous step's ``sel``, possibly ``reference.expand_neighbors``
-    of it) skips scoring: the prediction-interval reuse. Returns ``(out [B, H_q, D], sel)``, ``sel``
-    being ``selection`` itself when given, else ``[B, H_kv, budget]`` positions in ``index_dtype``.
+    of it) skips scoring: the prediction-interval reuse. ``split_counters``: a zeroed int32 buffer
+    of ``B * H_kv`` or more that the attention kernel may reuse call after call on one stream (it
+    leaves it zeroed; see ``budgeted_attention_triton``), else one is zeroed per call.
+    ``new_sketch`` (:class:`~butler_kernels.budgeted_attention.NewSketch`): the step's sketch write,
+    done by the attention launch (after the selection, which never reads the new token). Returns
+    ``(out [B, H_q, D], sel)``, ``sel`` being ``selection`` itself when given, else
+    ``[B, H_kv, budget]`` positions in ``index_dtype``.
     """
     impl = default_impl() if impl is None else _check_impl(impl, "impl")
     _check_budget(budget)
@@ -136,9 +159,13 @@ def sparse_decode(
     else:
         sel = selection
     if impl == "auto":
-        out = torch.ops.butler.budgeted_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale)
+        out = torch.ops.butler.budgeted_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale,
+                                                  split_counters, *(new_sketch or (None,) * 4))
     elif impl == "triton":
-        out = budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale, token_table=token_table)
+        out = budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale,
+                                        token_table=token_table, split_counters=split_counters, new_sketch=new_sketch)
     else:
+        if new_sketch is not None:
+            reference.write_sketch(*new_sketch)
         out = reference.budgeted_attention(q, k_buf, v_buf, sel, start, end, sinks, window, scale, token_table)
     return out, sel

@@ -1,4 +1,5 @@
-"""``torch.library`` custom ops: ``butler::score_select`` and ``butler::budgeted_attention``.
+"""``torch.library`` custom ops: ``butler::score_select``, ``butler::budgeted_attention``,
+``butler::write_sketch`` and ``butler::residual_layer_norm``.
 
 Each op has a fake implementation (shapes only), so ``torch.compile(fullgraph=True)`` traces
 through it without a graph break, and its output shapes are static for a fixed budget, so CUDA
@@ -13,12 +14,13 @@ from typing import Optional
 import torch
 
 from butler_kernels import reference
-from butler_kernels._checks import check_attention, check_score_select_layers
-from butler_kernels.budgeted_attention import budgeted_attention_triton
+from butler_kernels._checks import check_attention, check_score_select_layers, check_split_counters
+from butler_kernels.budgeted_attention import NewSketch, budgeted_attention_triton, check_new_sketch
 from butler_kernels.score_select import score_select_reference, score_select_triton
+from butler_kernels.producer_norm import check_residual_layer_norm, residual_layer_norm_triton
 from butler_kernels.sketch_write import sketch_write_triton
 
-__all__ = ["score_select", "budgeted_attention", "write_sketch"]
+__all__ = ["score_select", "budgeted_attention", "write_sketch", "residual_layer_norm"]
 
 
 @torch.library.custom_op("butler::score_select", mutates_args=())
@@ -60,7 +62,9 @@ def _score_select_fake(q_sel, sketch, start, end, token_table, budget_per_row, s
     return q_sel.new_empty(shape, dtype=index_dtype)
 
 
-@torch.library.custom_op("butler::budgeted_attention", mutates_args=())
+# split_counters is declared mutated although the kernel leaves it as it found it (zeroed): it
+# writes it in between, which a compiler must not reorder around.
+@torch.library.custom_op("butler::budgeted_attention", mutates_args=("split_counters", "sketch_pool"))
 def budgeted_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -72,21 +76,51 @@ def budgeted_attention(
     sinks: int,
     window: int,
     scale: float,
+    split_counters: Optional[torch.Tensor] = None,
+    sketch_pool: Optional[torch.Tensor] = None,
+    sketch_loc: Optional[torch.Tensor] = None,
+    new_keys: Optional[torch.Tensor] = None,
+    sketch_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decode attention of ``q [B, H_q, D]`` over sinks + window + ``sel``; ``[B, H_q, D]`` in
-    ``q``'s dtype. Arguments as in ``budgeted_attention.budgeted_attention_triton``."""
-    check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
+    ``q``'s dtype. Arguments as in ``budgeted_attention.budgeted_attention_triton``, whose
+    ``new_sketch`` is the four ``sketch_*``/``new_keys`` tensors here (all or none; the reference
+    has no splits and leaves ``split_counters`` alone)."""
+    new_sketch = _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
+                                       sketch_pool, sketch_loc, new_keys, sketch_weight)
+    if new_sketch is not None:
+        reference.write_sketch(*new_sketch)
     return reference.budgeted_attention(q, k_buf, v_buf, sel, start, end, sinks, window, scale, token_table).contiguous()
 
 
+def _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters, *sketch):
+    b, h_kv, _, d = check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
+    if split_counters is not None:
+        check_split_counters(split_counters, b * h_kv, q.device)
+    given = [t is not None for t in sketch]
+    if any(given) and not all(given):
+        raise ValueError("sketch_pool, sketch_loc, new_keys and sketch_weight go together: pass all four or none")
+    if not any(given):
+        return None
+    new_sketch = NewSketch(*sketch)
+    check_new_sketch(new_sketch, b, h_kv, d, q.device)
+    return new_sketch
+
+
 @budgeted_attention.register_kernel("cuda")
-def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale):
-    return budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale, token_table=token_table)
+def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters=None,
+                             sketch_pool=None, sketch_loc=None, new_keys=None, sketch_weight=None):
+    new_sketch = _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
+                                       sketch_pool, sketch_loc, new_keys, sketch_weight)
+    return budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale,
+                                     token_table=token_table, split_counters=split_counters, new_sketch=new_sketch)
 
 
 @budgeted_attention.register_fake
-def _budgeted_attention_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale):
-    check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
+def _budgeted_attention_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters=None,
+                             sketch_pool=None, sketch_loc=None, new_keys=None, sketch_weight=None):
+    _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
+                          sketch_pool, sketch_loc, new_keys, sketch_weight)
     return q.new_empty(q.shape)
 
 
@@ -105,3 +139,23 @@ def _write_sketch_cuda(pool, loc, keys, weight):
 @write_sketch.register_fake
 def _write_sketch_fake(pool, loc, keys, weight):
     return None
+
+
+@torch.library.custom_op("butler::residual_layer_norm", mutates_args=())
+def residual_layer_norm(
+    hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float
+) -> torch.Tensor:
+    """``layer_norm(hidden + residual)`` of ``[n, E]`` rows (``reference.residual_layer_norm``)."""
+    check_residual_layer_norm(hidden, residual, weight, bias)
+    return reference.residual_layer_norm(hidden, residual, weight, bias, eps).contiguous()
+
+
+@residual_layer_norm.register_kernel("cuda")
+def _residual_layer_norm_cuda(hidden, residual, weight, bias, eps):
+    return residual_layer_norm_triton(hidden, residual, weight, bias, eps)
+
+
+@residual_layer_norm.register_fake
+def _residual_layer_norm_fake(hidden, residual, weight, bias, eps):
+    check_residual_layer_norm(hidden, residual, weight, bias)
+    return hidden.new_empty(hidden.shape)

@@ -39,6 +39,7 @@ __all__ = [
     "budget_for_rows",
     "project_sketch",
     "write_sketch",
+    "residual_layer_norm",
 ]
 
 
@@ -255,3 +256,12 @@ def write_sketch(pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weig
     """Store the sketch of ``keys [n, H_kv, D]`` into the paged sketch ``pool [slots, H_kv, d']`` at
     slots ``loc [n]`` (in place, rounded to the pool's dtype)."""
     pool[loc.long()] = project_sketch(keys, weight).to(pool.dtype)
+
+
+def residual_layer_norm(
+    hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """A producer's input norm where the base defers its residual add (SGLang's decoder layers):
+    ``layer_norm(hidden + residual)``, the sum rounded to ``hidden``'s dtype first, in that dtype."""
+    x = hidden if residual is None else hidden + residual
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), None if bias is None else bias.to(x.dtype), eps)

@@ -12,13 +12,14 @@ import torch
 
 from butler_kernels._triton_loader import Launch, run_launches, triton_interpreted
 
-__all__ = ["sketch_write_triton"]
+__all__ = ["check_sketch_write", "sketch_write_triton"]
 
 _KERNELS = "_sketch_kernels"
 _BLOCK_T = 16
 
 
-def _check(pool, loc, keys, weight) -> None:
+def check_sketch_write(pool, loc, keys, weight) -> None:
+    """Shapes, dtypes and devices of a sketch write; raises ``ValueError``/``TypeError``."""
     if keys.dim() != 3 or weight.dim() != 3 or pool.dim() != 3:
         raise ValueError(
             f"sketch write needs keys [n, H_kv, D], weight [H_kv, D, d'] and pool [slots, H_kv, d'], got "
@@ -43,7 +44,7 @@ def _check(pool, loc, keys, weight) -> None:
 def sketch_write_triton(pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weight: torch.Tensor) -> None:
     """``reference.write_sketch`` in one Triton launch (in place). CPU tensors run in the Triton
     interpreter."""
-    _check(pool, loc, keys, weight)
+    check_sketch_write(pool, loc, keys, weight)
     if keys.shape[0] == 0:
         return
     run_launches(_KERNELS, [sketch_write_launch(pool, loc, keys, weight)])

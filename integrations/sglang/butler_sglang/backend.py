@@ -6,17 +6,21 @@ What it reuses and what it adds
 * **Predictor** (:class:`ButlerState`, one per model runner): butler-zoo's ``ButlerPredictor``,
   the same module the transformers runtime and training use. A forward hook on every producer
   layer ``k*G`` turns the residual stream after it (``hidden_states + residual``: SGLang's Llama
-  layers defer the residual add) into that producer's queries for the decode tokens, written into
-  a preallocated buffer; the hooks are installed when the backend is built, before CUDA-graph
-  capture, and never sync with the host.
-* **Sketch cache**: one ``[slots, H_kv, d']`` buffer per served layer, indexed by KV slot like the
-  KV pool (radix-cache prefix sharing stays valid), counted in the pool sizing (see ``plugin``).
-  It is written wherever K/V are written: the pool's ``set_kv_buffer`` is wrapped, so extend
-  (prefill) and decode both write the new tokens' sketches at ``out_cache_loc``.
-* **Decode** of a served layer: the parent's pool write (K/V, and through the wrapper the
-  sketch), then ``butler_kernels.sparse_decode`` on the whole batch (score + top-B per KV head +
-  budgeted attention over sinks, window and the selection: the kernels of ``butler_kernels``,
-  whose semantics are ``butler_kernels.reference``). A row whose context fits in
+  layers defer the residual add, which ``butler_kernels.residual_layer_norm`` fuses into the
+  producer's LayerNorm) into that producer's queries for the decode tokens, written into a
+  preallocated buffer, and selects for every layer the producer serves at once
+  (:meth:`ButlerState.select_served_layers`); the hooks are installed when the backend is built,
+  before CUDA-graph capture, and never sync with the host.
+* **Sketch cache**: one ``[H_kv, layers, slots, d']`` tensor, a ``[slots, H_kv, d']`` view per
+  served layer, indexed by KV slot like the KV pool (radix-cache prefix sharing stays valid),
+  counted in the pool sizing (see ``plugin``). Extend (prefill) writes the new tokens' sketches
+  through a wrapper of the pool's ``set_kv_buffer``; a budgeted decode writes them in its
+  attention launch.
+* **Decode** of a served layer: the parent's K/V pool write, then ``butler_kernels.sparse_decode``
+  on the whole batch with the producer's selection (top-B per KV head; selected in the layer if
+  no producer did) and the step's sketch write: budgeted attention over sinks, window and the
+  selection, the kernels of ``butler_kernels``, whose semantics are ``butler_kernels.reference``.
+  A row whose context fits in
   ``sinks + window + budget`` has at most ``budget`` candidates, so the selection keeps all of
   them and the row attends every position (the dense fallback of ``reference.select_topk``,
   decided row by row, equal to SGLang's dense decode up to rounding). When the budget covers
@@ -39,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from butler_kernels import reference, select, sparse_decode, write_sketch
+from butler_kernels import NewSketch, reference, residual_layer_norm, select, sparse_decode, write_sketch
 from butler_kernels.score_select import layers_per_launch, workspace_bytes
 from butler_sglang import BACKEND_NAME
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
@@ -123,6 +127,8 @@ class ButlerState:
             for k in range(cfg.num_producers)
         ]
         self.sketch_bytes = self._sketch_store.numel() * self._sketch_store.element_size()
+        # Tickets of the attention kernel's splits, left zeroed by every call (one stream).
+        self.split_counters = torch.zeros(rows * self.num_kv_heads, dtype=torch.int32, device=self.device)
         # Set by the backend for a budgeted decode step (its _StepMeta and static budget); the
         # producer hooks then select for their served layers at once, into `selections`.
         self.decode_step = None
@@ -157,6 +163,11 @@ class ButlerState:
         # predictor.project_keys in the pool's token-major layout, projection and store in one launch
         write_sketch(buf, loc, keys.reshape(-1, self.num_kv_heads, self.head_dim), self.predictor.key_proj[layer_id - 1])
 
+    def new_sketch(self, layer_id: int, loc: torch.Tensor, keys: torch.Tensor, bs: int) -> NewSketch:
+        """:meth:`write_sketch` of a decode step (one new token per row), for the attention launch."""
+        keys = keys.reshape(bs, self.num_kv_heads, self.head_dim)
+        return NewSketch(self.sketch[layer_id], loc, keys, self.predictor.key_proj[layer_id - 1])
+
     # ----- producer queries ------------------------------------------------------------------
     def _producer_hook(self, producer: int):
         def hook(module, args, kwargs, output):
@@ -171,12 +182,15 @@ class ButlerState:
                 hidden, residual = output[0], output[1] if len(output) > 1 else None
             else:
                 hidden, residual = output, None
-            stream = hidden if residual is None else hidden + residual  # residual stream after the layer
-            n = stream.shape[0]
+            n = hidden.shape[0]
             buf = self.queries[producer]
             if n > buf.shape[0]:  # eager batches only: CUDA-graph batches fit the preallocated rows
                 buf = self.queries[producer] = torch.zeros((n, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
-            buf[:n].copy_(self.predictor.producer_queries(producer, stream))
+            # predictor.producer_queries of the residual stream after the layer (hidden + residual:
+            # the add is deferred), the add fused into the norm and the MLP writing into the buffer
+            norm = self.predictor.producers[producer].norm
+            normed = residual_layer_norm(hidden, residual, norm.weight, norm.bias, norm.eps)
+            self.predictor.producer_queries_from_normed(producer, normed, out=buf[:n].view(n, -1))
             if self.decode_step is not None:
                 self.select_served_layers(producer, n)
             return None
@@ -323,11 +337,17 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         if step is None or sinks is not None or not self.state.serves(layer.layer_id):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
         pool = forward_batch.token_to_kv_pool
-        if save_kv_cache:  # K/V, and through the pool's wrapper the sketch, as the parent writes them
-            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
         bs = step.end.shape[0]
+        new_sketch = None
+        if save_kv_cache:
+            # K/V as the parent writes them; the new tokens' sketch goes with the attention launch
+            # (the selection, made by the producer, never reads the current token's)
+            set_kv = getattr(pool.set_kv_buffer, "__wrapped__", pool.set_kv_buffer)
+            set_kv(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+            new_sketch = self.state.new_sketch(layer.layer_id, forward_batch.out_cache_loc, k, bs)
         # Selected by the producer hook with the other layers of its producer; else here.
         selection = self.state.selections.get(layer.layer_id)
+        counters = self.state.split_counters
         out, _ = sparse_decode(
             q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim),
             pool.get_key_buffer(layer.layer_id),
@@ -343,6 +363,8 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             token_table=step.token_table,
             budget_per_row=step.budget_per_row,
             selection=selection,
+            split_counters=counters if bs * self.state.num_kv_heads <= counters.numel() else None,
+            new_sketch=new_sketch,
         )
         return out.reshape(bs, -1)
 

@@ -1,0 +1,167 @@
+"""The launches a budgeted SGLang decode step spends around its kernels, fused and unfused.
+
+    python benchmarks/bench_decode_fusions.py                 # batch 1 / 8 / 16, 32K context
+    python benchmarks/bench_decode_fusions.py --batch 8 --context 32768 131072
+
+Two places of the SGLang backend's decode step (``butler_sglang.backend``), each timed both ways
+on Llama-3.1-8B shapes (hidden 4096, 32 query / 8 KV heads, D 128, d' 16; the default predictor:
+MLP 512, 4 served layers per producer, one predictor head per KV head) in bf16:
+
+* **producer** (once per producer and step): the residual stream ``hidden + residual`` (SGLang
+  defers the add), the predictor's LayerNorm + MLP, a copy into the preallocated query buffer
+  (``predictor.producer_queries``, three launches more than the MLP) vs
+  ``butler_kernels.residual_layer_norm`` and the MLP writing into the buffer
+  (``producer_queries_from_normed(out=)``).
+* **served layer** (once per served layer and step): ``write_sketch`` of the new tokens, then the
+  budgeted attention (paged K/V, the producer's selection) with a counter buffer zeroed per call
+  vs the attention launch alone with the backend's persistent ``split_counters`` and the sketch
+  write folded in (``new_sketch=``).
+
+Each variant is captured in a CUDA graph of 20 calls and replayed (no launch overhead: what the
+server's decode graph sees) and timed with ``triton.testing.do_bench`` (median), per call. Both
+variants' outputs are checked to agree before timing. Writes ``$OUT/bench_decode_fusions.json``
+when ``OUT`` is set (or ``--json PATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+import torch
+
+from butler_kernels import NewSketch, budgeted_attention_triton, residual_layer_norm, select, write_sketch
+from butler_zoo import ButlerConfig, ButlerPredictor
+
+DEVICE = torch.device("cuda")
+CALLS = 20
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--context", type=int, nargs="+", default=[32768])
+    p.add_argument("--budget", type=float, default=0.1, help="fraction of the context attended (sinks + window + selected)")
+    p.add_argument("--sinks", type=int, default=64)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def graph_us(fn) -> float:
+    """Median microseconds of one call, replayed from a CUDA graph of ``CALLS`` calls."""
+    import triton
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    return 1000 * triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / CALLS
+
+
+def predictor_8b() -> ButlerPredictor:
+    cfg = ButlerConfig(base_model="llama-3.1-8b-shaped", base_model_type="llama", num_hidden_layers=32, hidden_size=4096,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    return ButlerPredictor(cfg).to(DEVICE, torch.bfloat16).eval().requires_grad_(False)
+
+
+def bench_producer(pred: ButlerPredictor, batch: int) -> dict:
+    gen = torch.Generator(device=DEVICE).manual_seed(batch)
+    hidden = torch.randn(batch, 4096, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    residual = 10 * torch.randn(batch, 4096, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    buf = torch.zeros(batch, *pred.producers[0].out_shape, device=DEVICE, dtype=torch.bfloat16)
+    norm = pred.producers[0].norm
+
+    def unfused():
+        buf.copy_(pred.producer_queries(0, hidden + residual))
+
+    def fused():
+        normed = residual_layer_norm(hidden, residual, norm.weight, norm.bias, norm.eps)
+        pred.producer_queries_from_normed(0, normed, out=buf.view(batch, -1))
+
+    unfused()
+    want = buf.clone()
+    fused()
+    err = ((buf.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    assert err < 2e-2, f"fused producer queries differ: relative error {err:.2e}"
+    return {"unfused_us": graph_us(unfused), "fused_us": graph_us(fused), "rel_err": err}
+
+
+def bench_layer(pred: ButlerPredictor, batch: int, context: int, args) -> dict:
+    gen = torch.Generator(device=DEVICE).manual_seed(batch + context)
+    h_kv, group, d, dp = 8, 4, 128, 16
+    slots = batch * context + batch
+    pages = torch.randperm(batch * context // 16, device=DEVICE, generator=gen)
+    table = (pages[:, None] * 16 + torch.arange(16, device=DEVICE)).reshape(batch, context).to(torch.int32)
+    kbuf = torch.randn(slots, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    vbuf = torch.randn(slots, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    pool = torch.randn(h_kv, slots, dp, device=DEVICE, dtype=torch.bfloat16, generator=gen).transpose(0, 1)
+    start = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+    end = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    attended = int(args.budget * context)
+    k = attended - args.sinks - args.window
+    q_sel = torch.randn(batch, h_kv, dp, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    sel = select(q_sel, pool, start, end, sinks=args.sinks, window=args.window, budget=k, token_table=table)
+    q = torch.randn(batch, h_kv * group, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    keys = torch.randn(batch, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    loc = table[:, -1].long()  # the newest position's slot, as out_cache_loc
+    weight = pred.key_proj[0]
+    counters = torch.zeros(batch * h_kv, dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(q)
+    kw = dict(sinks=args.sinks, window=args.window, scale=d**-0.5, token_table=table, out=out)
+
+    def unfused():
+        write_sketch(pool, loc, keys, weight)
+        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, **kw)
+
+    def fused():
+        budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, split_counters=counters,
+                                  new_sketch=NewSketch(pool, loc, keys, weight), **kw)
+
+    unfused()
+    want_out, want_sketch = out.clone(), pool[loc].clone()
+    pool[loc] = 0
+    fused()
+    assert torch.equal(out, want_out), "the attention output changed with the fused launch"
+    sk_err = (pool[loc].float() - want_sketch.float()).abs().max().item()
+    assert sk_err < 0.05, f"folded sketch write differs by {sk_err}"
+    return {"unfused_us": graph_us(unfused), "fused_us": graph_us(fused), "sketch_max_abs_diff": sk_err}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import triton
+
+    pred = predictor_8b()
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version()}
+    print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}; bf16, Llama-3.1-8B shapes; us per call "
+          f"(CUDA graph of {CALLS} calls, median)")
+    print("\n| place | batch | context | unfused us | fused us | saved us |\n|---|---|---|---|---|---|")
+    rows = []
+    for b in args.batch:
+        r = bench_producer(pred, b)
+        rows.append({"place": "producer", "batch": b, "context": None, **r})
+        print(f"| producer | {b} | - | {r['unfused_us']:.2f} | {r['fused_us']:.2f} | {r['unfused_us'] - r['fused_us']:.2f} |")
+        for t in args.context:
+            r = bench_layer(pred, b, t, args)
+            rows.append({"place": "served layer", "batch": b, "context": t, **r})
+            print(f"| served layer | {b} | {t} | {r['unfused_us']:.2f} | {r['fused_us']:.2f} | "
+                  f"{r['unfused_us'] - r['fused_us']:.2f} |")
+    path = args.json or (os.path.join(os.environ["OUT"], "bench_decode_fusions.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump({"env": env, "args": vars(args), "rows": rows}, f, indent=1)
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
