@@ -662,9 +662,9 @@ def test_custom_ops_opcheck_and_compile():
     select_args = (q_sel, sketch, start, end, None, torch.tensor([3, 10]), S, W, 10, torch.int32)
     torch.library.opcheck(torch.ops.butler.score_select.default, select_args)
     sel = torch.ops.butler.score_select(*select_args)
-    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125))
+    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125, *[None] * 5))
     counters = torch.zeros(q.shape[0] * kbuf.shape[1], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125, counters))
+    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125, counters, *[None] * 4))
     # several layers at once, and the sketch write (a mutating op)
     layered = (q_sel.expand(3, -1, -1, -1), sketch.expand(3, -1, -1, -1, -1), *select_args[2:])
     torch.library.opcheck(torch.ops.butler.score_select.default, layered)
@@ -762,7 +762,7 @@ def test_attention_and_dispatch_reject_bad_input():
         with pytest.raises(ValueError, match="split_counters must be a contiguous int32 tensor of at least B \\* H_kv = 4"):
             budgeted_attention_triton(q, kbuf, kbuf, sel, start, end, split_counters=bad, **kw)
         with pytest.raises(ValueError, match="split_counters must be"):
-            torch.ops.butler.budgeted_attention(q, kbuf, kbuf, sel, start, end, None, S, W, 0.1, bad)
+            torch.ops.butler.budgeted_attention(q, kbuf, kbuf, sel, start, end, None, S, W, 0.1, bad, *[None] * 4)
     q_sel, sketch = torch.randn(2, 2, 16), torch.randn(2, 2, 30, 16)
     common = dict(sinks=S, window=W, scale=0.1)
     with pytest.raises(ValueError, match="budget must be >= 0"):

@@ -76,16 +76,18 @@ def budgeted_attention(
     sinks: int,
     window: int,
     scale: float,
-    split_counters: Optional[torch.Tensor] = None,
-    sketch_pool: Optional[torch.Tensor] = None,
-    sketch_loc: Optional[torch.Tensor] = None,
-    new_keys: Optional[torch.Tensor] = None,
-    sketch_weight: Optional[torch.Tensor] = None,
+    split_counters: Optional[torch.Tensor],
+    sketch_pool: Optional[torch.Tensor],
+    sketch_loc: Optional[torch.Tensor],
+    new_keys: Optional[torch.Tensor],
+    sketch_weight: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Decode attention of ``q [B, H_q, D]`` over sinks + window + ``sel``; ``[B, H_q, D]`` in
     ``q``'s dtype. Arguments as in ``budgeted_attention.budgeted_attention_triton``, whose
     ``new_sketch`` is the four ``sketch_*``/``new_keys`` tensors here (all or none; the reference
-    has no splits and leaves ``split_counters`` alone)."""
+    has no splits and leaves ``split_counters`` alone). No argument has a default: torch 2.11's
+    dispatcher drops trailing arguments equal to their defaults, and then fails to bump the version
+    of the mutated ones."""
     new_sketch = _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
                                        sketch_pool, sketch_loc, new_keys, sketch_weight)
     if new_sketch is not None:
@@ -108,8 +110,8 @@ def _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, 
 
 
 @budgeted_attention.register_kernel("cuda")
-def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters=None,
-                             sketch_pool=None, sketch_loc=None, new_keys=None, sketch_weight=None):
+def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters,
+                             sketch_pool, sketch_loc, new_keys, sketch_weight):
     new_sketch = _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
                                        sketch_pool, sketch_loc, new_keys, sketch_weight)
     return budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale,
@@ -117,8 +119,8 @@ def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sink
 
 
 @budgeted_attention.register_fake
-def _budgeted_attention_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters=None,
-                             sketch_pool=None, sketch_loc=None, new_keys=None, sketch_weight=None):
+def _budgeted_attention_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters,
+                             sketch_pool, sketch_loc, new_keys, sketch_weight):
     _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
                           sketch_pool, sketch_loc, new_keys, sketch_weight)
     return q.new_empty(q.shape)
