@@ -17,6 +17,11 @@ MLP 512, 4 served layers per producer, one predictor head per KV head) in bf16:
   vs the attention launch alone with the backend's persistent ``split_counters`` and the sketch
   write folded in (``new_sketch=``).
 
+* **dense layer** (layer 0 of every step): ``budgeted_attention_triton`` with a window as long
+  as the context and no selection (how the backend now runs it) vs SGLang's own Triton decode
+  kernels (``decode_attention_fwd``, 64 KV splits for every row: ``--triton-attention-num-kv-splits
+  64``), when SGLang is importable.
+
 Each variant is captured in a CUDA graph of 20 calls and replayed (no launch overhead: what the
 server's decode graph sees) and timed with ``triton.testing.do_bench`` (median), per call. Both
 variants' outputs are checked to agree before timing. Writes ``$OUT/bench_decode_fusions.json``
@@ -136,6 +141,51 @@ def bench_layer(pred: ButlerPredictor, batch: int, context: int, args) -> dict:
     return {"unfused_us": graph_us(unfused), "fused_us": graph_us(fused), "sketch_max_abs_diff": sk_err}
 
 
+def bench_dense_layer(batch: int, context: int) -> dict:
+    gen = torch.Generator(device=DEVICE).manual_seed(7 * batch + context)
+    h_kv, h_q, d = 8, 32, 128
+    slots = batch * context
+    pages = torch.randperm(slots // 16, device=DEVICE, generator=gen)
+    table = (pages[:, None] * 16 + torch.arange(16, device=DEVICE)).reshape(batch, context).to(torch.int32)
+    kbuf = torch.randn(slots, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    vbuf = torch.randn(slots, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(batch, h_q, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    start = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+    end = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    no_sel = torch.empty(batch, h_kv, 0, dtype=torch.int32, device=DEVICE)
+    counters = torch.zeros(batch * h_kv, dtype=torch.int32, device=DEVICE)
+    ours = torch.empty_like(q)
+
+    def butler():
+        budgeted_attention_triton(q, kbuf, vbuf, no_sel, start, end, sinks=0, window=context, scale=d**-0.5,
+                                  token_table=table, split_counters=counters, out=ours)
+
+    row = {"butler_us": graph_us(butler)}
+    try:
+        from sglang.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+    except ImportError as exc:
+        row["sglang_us"] = None
+        row["sglang_missing"] = str(exc)[:200]
+        return row
+    splits = 64
+    theirs = torch.empty_like(q)
+    indptr = torch.arange(0, (batch + 1) * context, context, dtype=torch.int32, device=DEVICE)
+    indices = table.reshape(-1).to(torch.int64)
+    logits = torch.empty(batch, h_q, splits, d, dtype=torch.float32, device=DEVICE)
+    lse = torch.empty(batch, h_q, splits, dtype=torch.float32, device=DEVICE)
+    num_splits = torch.full((batch,), splits, dtype=torch.int32, device=DEVICE)
+
+    def sglang():
+        decode_attention_fwd(q, kbuf, vbuf, theirs, indptr, indices, logits, lse, num_splits, splits, d**-0.5, 1.0, 1.0)
+
+    butler()
+    sglang()
+    err = ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item()
+    assert err < 2e-2, f"dense decode differs from SGLang's: relative error {err:.2e}"
+    row.update(sglang_us=graph_us(sglang), rel_err=err)
+    return row
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import triton
@@ -156,6 +206,14 @@ def main(argv=None) -> None:
             rows.append({"place": "served layer", "batch": b, "context": t, **r})
             print(f"| served layer | {b} | {t} | {r['unfused_us']:.2f} | {r['fused_us']:.2f} | "
                   f"{r['unfused_us'] - r['fused_us']:.2f} |")
+    print("\n| dense layer | batch | context | SGLang decode_attention_fwd us | butler kernel us | saved us |\n|---|---|---|---|---|---|")
+    for b in args.batch:
+        for t in args.context:
+            r = bench_dense_layer(b, t)
+            rows.append({"place": "dense layer", "batch": b, "context": t, **r})
+            theirs = "n/a (SGLang not importable)" if r["sglang_us"] is None else f"{r['sglang_us']:.1f}"
+            saved = "-" if r["sglang_us"] is None else f"{r['sglang_us'] - r['butler_us']:.1f}"
+            print(f"| dense layer | {b} | {t} | {theirs} | {r['butler_us']:.1f} | {saved} |")
     path = args.json or (os.path.join(os.environ["OUT"], "bench_decode_fusions.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:

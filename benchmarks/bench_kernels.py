@@ -229,8 +229,7 @@ def ours_select(x: Inputs, s: Shape):
 
 
 def ours_attend(x: Inputs, s: Shape, sel, scale: float):
-    return torch.ops.butler.budgeted_attention(x.q, x.k_ours, x.v_ours, sel, x.start, x.end, x.table, s.sinks, s.window, scale,
-                                              *[None] * 5)
+    return torch.ops.butler.budgeted_attention(x.q, x.k_ours, x.v_ours, sel, x.start, x.end, x.table, s.sinks, s.window, scale)
 
 
 def ours_total(x: Inputs, s: Shape, scale: float):

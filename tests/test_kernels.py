@@ -581,11 +581,9 @@ def test_attention_writes_new_sketch(dtype):
     # the op (reference off CUDA) and its schema: all four tensors or none
     pool = before.clone()
     args = (q, kbuf, vbuf, sel, start, end, table, S, W, 0.125, None, pool, loc, keys, weight)
-    torch.ops.butler.budgeted_attention(*args)
+    torch.ops.butler.budgeted_attention_step(*args)
     assert torch.equal(pool, want_pool)
-    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, args)
-    with pytest.raises(ValueError, match="go together: pass all four or none"):
-        torch.ops.butler.budgeted_attention(*args[:-1], None)
+    torch.library.opcheck(torch.ops.butler.budgeted_attention_step.default, args)
     with pytest.raises(ValueError, match="one new token per row"):
         budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=S, window=W, scale=0.125, token_table=table,
                                   new_sketch=NewSketch(pool, loc[:2], keys[:2], weight))
@@ -662,9 +660,9 @@ def test_custom_ops_opcheck_and_compile():
     select_args = (q_sel, sketch, start, end, None, torch.tensor([3, 10]), S, W, 10, torch.int32)
     torch.library.opcheck(torch.ops.butler.score_select.default, select_args)
     sel = torch.ops.butler.score_select(*select_args)
-    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125, *[None] * 5))
+    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125))
     counters = torch.zeros(q.shape[0] * kbuf.shape[1], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125, counters, *[None] * 4))
+    torch.library.opcheck(torch.ops.butler.budgeted_attention.default, (q, kbuf, vbuf, sel, start, end, None, S, W, 0.125, counters))
     # several layers at once, and the sketch write (a mutating op)
     layered = (q_sel.expand(3, -1, -1, -1), sketch.expand(3, -1, -1, -1, -1), *select_args[2:])
     torch.library.opcheck(torch.ops.butler.score_select.default, layered)
@@ -762,7 +760,7 @@ def test_attention_and_dispatch_reject_bad_input():
         with pytest.raises(ValueError, match="split_counters must be a contiguous int32 tensor of at least B \\* H_kv = 4"):
             budgeted_attention_triton(q, kbuf, kbuf, sel, start, end, split_counters=bad, **kw)
         with pytest.raises(ValueError, match="split_counters must be"):
-            torch.ops.butler.budgeted_attention(q, kbuf, kbuf, sel, start, end, None, S, W, 0.1, bad, *[None] * 4)
+            torch.ops.butler.budgeted_attention(q, kbuf, kbuf, sel, start, end, None, S, W, 0.1, bad)
     q_sel, sketch = torch.randn(2, 2, 16), torch.randn(2, 2, 30, 16)
     common = dict(sinks=S, window=W, scale=0.1)
     with pytest.raises(ValueError, match="budget must be >= 0"):

@@ -132,8 +132,13 @@ def test_decode_step_against_sglang_dense_and_torch_reference(tmp_path):
             assert case["max_abs_vs_reference"][row] < 2e-5, case
     by_budget = {c["budget"]: c for c in r["cases"]}
     assert by_budget["1.0"]["all_dense"] and not by_budget["16"]["all_dense"] and not by_budget["0.1"]["all_dense"]
-    assert by_budget["1.0"]["parent_decode_calls"] == 2  # the two served layers
+    assert by_budget["1.0"]["parent_decode_calls"] == 3  # every layer
     assert by_budget["16"]["parent_decode_calls"] == 0 and by_budget["0.1"]["parent_decode_calls"] == 0
+    # layer 0 is dense in every case: through butler's kernel when the step is budgeted (the parent's
+    # decode metadata is not even built then), SGLang's own kernel bit for bit when not
+    for case in r["cases"]:
+        assert case["layer0_parent_calls"] == (1 if case["all_dense"] else 0), case
+        assert case["layer0_max_abs_vs_sglang_dense"] < (1e-12 if case["all_dense"] else 2e-5), case
     # layers 1 and 2 selected by their producer in one launch, equal to selecting in each layer
     assert by_budget["16"]["selected_by_producer"] == [1, 2] == by_budget["0.1"]["selected_by_producer"]
     assert by_budget["1.0"]["selected_by_producer"] == []
@@ -374,6 +379,12 @@ def _check_decode(tmp: Path) -> dict:
         parent_calls = []
         parent_decode = backend.decode_attention_fwd
         backend.decode_attention_fwd = lambda *a, **kw: (parent_calls.append(1), parent_decode(*a, **kw))[1]
+        # layer 0 (dense): in a budgeted step butler's kernel over every position, else SGLang's own
+        q = torch.randn(bs, HQ * D, dtype=dtype)
+        kn, vn = torch.randn(bs, HKV, D, dtype=dtype), torch.randn(bs, HKV, D, dtype=dtype)
+        out0 = backend.forward_decode(q, kn, vn, radix[0], fb)
+        case["layer0_max_abs_vs_sglang_dense"] = (out0 - dense.forward_decode(q, kn, vn, radix[0], fb)).abs().max().item()
+        case["layer0_parent_calls"] = len(parent_calls)
         for l in (1, 2):
             q = torch.randn(bs, HQ * D, dtype=dtype)
             kn, vn = torch.randn(bs, HKV, D, dtype=dtype), torch.randn(bs, HKV, D, dtype=dtype)

@@ -82,7 +82,7 @@ def _attn_split_kernel(
     o_ptr, stride_ob, stride_oh, stride_od,
     nk_ptr, stride_nkb, stride_nkh, stride_nkd, nloc_ptr, stride_nloc,
     w_ptr, stride_wh, stride_wd, stride_we, sp_ptr, stride_sps, stride_sph, stride_spe,
-    n_sel, sinks, window, n_iters, num_splits, qk_scale,
+    n_sel, sinks, window, num_splits, qk_scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr, DIRECT: tl.constexpr, COUNTED_LOOP: tl.constexpr,
     PAGED: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -115,8 +115,14 @@ def _attn_split_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     sel_row = sel_ptr + b64 * stride_sb + h64 * stride_sh
-    i_lo = s * (n_iters * BLOCK_N)
-    i_hi = tl.minimum(i_lo + n_iters * BLOCK_N, n_fixed + n_sel)
+    # Without a selection (dense decode: a window as long as the table) a row's list ends with its
+    # context, and the splits share that row's length: a table far longer than the row's context
+    # then costs nothing. With one, every row's list is sinks + window + n_sel long.
+    n_list = tl.where(n_sel == 0, sinks + tl.maximum(en - win_lo, 0), n_fixed + n_sel)
+    per_split = tl.cdiv(tl.cdiv(n_list, num_splits), BLOCK_N) * BLOCK_N
+    i_lo = s * per_split
+    i_hi = tl.minimum(i_lo + per_split, n_list)
+    n_iters = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_N)
     if COUNTED_LOOP:
         # scf.for: the form the compiler software-pipelines (K/V loads of the next blocks in
         # flight while this one is multiplied).

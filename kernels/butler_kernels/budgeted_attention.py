@@ -178,7 +178,7 @@ def attention_launches(
             "_attn_split_kernel", (h_kv, num_splits, b),
             (q, *q.stride(), k_buf, *k_strides, v_buf, *v_strides, tt, *tt_strides, sel, *sel.stride(),
              start, end, part_out, part_lse, counters, out, *out.stride(), *sketch_args,
-             n_sel, sinks, window, n_iters, num_splits, float(scale) * _LOG2E),
+             n_sel, sinks, window, num_splits, float(scale) * _LOG2E),
             dict(
                 GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()), D=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
                 BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),

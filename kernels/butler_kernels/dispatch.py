@@ -159,8 +159,11 @@ def sparse_decode(
     else:
         sel = selection
     if impl == "auto":
-        out = torch.ops.butler.budgeted_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale,
-                                                  split_counters, *(new_sketch or (None,) * 4))
+        args = (q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters)
+        if new_sketch is None:
+            out = torch.ops.butler.budgeted_attention(*args)
+        else:
+            out = torch.ops.butler.budgeted_attention_step(*args, *new_sketch)
     elif impl == "triton":
         out = budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale,
                                         token_table=token_table, split_counters=split_counters, new_sketch=new_sketch)

@@ -1,5 +1,6 @@
-"""``torch.library`` custom ops: ``butler::score_select``, ``butler::budgeted_attention``,
-``butler::write_sketch`` and ``butler::residual_layer_norm``.
+"""``torch.library`` custom ops: ``butler::score_select``, ``butler::budgeted_attention`` (and
+``butler::budgeted_attention_step``, which also writes the new tokens' sketch), ``butler::write_sketch``
+and ``butler::residual_layer_norm``.
 
 Each op has a fake implementation (shapes only), so ``torch.compile(fullgraph=True)`` traces
 through it without a graph break, and its output shapes are static for a fixed budget, so CUDA
@@ -20,7 +21,7 @@ from butler_kernels.score_select import score_select_reference, score_select_tri
 from butler_kernels.producer_norm import check_residual_layer_norm, residual_layer_norm_triton
 from butler_kernels.sketch_write import sketch_write_triton
 
-__all__ = ["score_select", "budgeted_attention", "write_sketch", "residual_layer_norm"]
+__all__ = ["score_select", "budgeted_attention", "budgeted_attention_step", "write_sketch", "residual_layer_norm"]
 
 
 @torch.library.custom_op("butler::score_select", mutates_args=())
@@ -62,9 +63,9 @@ def _score_select_fake(q_sel, sketch, start, end, token_table, budget_per_row, s
     return q_sel.new_empty(shape, dtype=index_dtype)
 
 
-# split_counters is declared mutated although the kernel leaves it as it found it (zeroed): it
-# writes it in between, which a compiler must not reorder around.
-@torch.library.custom_op("butler::budgeted_attention", mutates_args=("split_counters", "sketch_pool"))
+# split_counters is an input, not a mutated argument: the kernel leaves it as it found it (zeroed),
+# so no caller can observe a change; Inductor cannot lower mutable ops with optional arguments.
+@torch.library.custom_op("butler::budgeted_attention", mutates_args=())
 def budgeted_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -76,53 +77,78 @@ def budgeted_attention(
     sinks: int,
     window: int,
     scale: float,
-    split_counters: Optional[torch.Tensor],
-    sketch_pool: Optional[torch.Tensor],
-    sketch_loc: Optional[torch.Tensor],
-    new_keys: Optional[torch.Tensor],
-    sketch_weight: Optional[torch.Tensor],
+    split_counters: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decode attention of ``q [B, H_q, D]`` over sinks + window + ``sel``; ``[B, H_q, D]`` in
-    ``q``'s dtype. Arguments as in ``budgeted_attention.budgeted_attention_triton``, whose
-    ``new_sketch`` is the four ``sketch_*``/``new_keys`` tensors here (all or none; the reference
-    has no splits and leaves ``split_counters`` alone). No argument has a default: torch 2.11's
-    dispatcher drops trailing arguments equal to their defaults, and then fails to bump the version
-    of the mutated ones."""
-    new_sketch = _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
-                                       sketch_pool, sketch_loc, new_keys, sketch_weight)
-    if new_sketch is not None:
-        reference.write_sketch(*new_sketch)
+    ``q``'s dtype. Arguments as in ``budgeted_attention.budgeted_attention_triton`` (the reference
+    has no splits and never reads ``split_counters``)."""
+    _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters)
     return reference.budgeted_attention(q, k_buf, v_buf, sel, start, end, sinks, window, scale, token_table).contiguous()
 
 
-def _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters, *sketch):
+def _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters, new_sketch=None):
     b, h_kv, _, d = check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
     if split_counters is not None:
         check_split_counters(split_counters, b * h_kv, q.device)
-    given = [t is not None for t in sketch]
-    if any(given) and not all(given):
-        raise ValueError("sketch_pool, sketch_loc, new_keys and sketch_weight go together: pass all four or none")
-    if not any(given):
-        return None
-    new_sketch = NewSketch(*sketch)
-    check_new_sketch(new_sketch, b, h_kv, d, q.device)
-    return new_sketch
+    if new_sketch is not None:
+        check_new_sketch(new_sketch, b, h_kv, d, q.device)
 
 
 @budgeted_attention.register_kernel("cuda")
-def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters,
-                             sketch_pool, sketch_loc, new_keys, sketch_weight):
-    new_sketch = _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
-                                       sketch_pool, sketch_loc, new_keys, sketch_weight)
+def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters=None):
     return budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale,
-                                     token_table=token_table, split_counters=split_counters, new_sketch=new_sketch)
+                                     token_table=token_table, split_counters=split_counters)
 
 
 @budgeted_attention.register_fake
-def _budgeted_attention_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters,
-                             sketch_pool, sketch_loc, new_keys, sketch_weight):
+def _budgeted_attention_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters=None):
+    _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters)
+    return q.new_empty(q.shape)
+
+
+# The decode step of a paged cache: the attention and the new tokens' sketch write in one launch.
+# Every tensor is required: torch 2.11's dispatcher drops trailing arguments equal to their
+# defaults and then fails to bump the version of a mutated one.
+@torch.library.custom_op("butler::budgeted_attention_step", mutates_args=("sketch_pool",))
+def budgeted_attention_step(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    sel: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    token_table: Optional[torch.Tensor],
+    sinks: int,
+    window: int,
+    scale: float,
+    split_counters: Optional[torch.Tensor],
+    sketch_pool: torch.Tensor,
+    sketch_loc: torch.Tensor,
+    new_keys: torch.Tensor,
+    sketch_weight: torch.Tensor,
+) -> torch.Tensor:
+    """``budgeted_attention`` that also writes the sketch of the rows' new keys: ``new_sketch =
+    NewSketch(sketch_pool, sketch_loc, new_keys, sketch_weight)`` of ``budgeted_attention_triton``
+    (``reference.write_sketch`` here)."""
+    new_sketch = NewSketch(sketch_pool, sketch_loc, new_keys, sketch_weight)
+    _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters, new_sketch)
+    reference.write_sketch(*new_sketch)
+    return reference.budgeted_attention(q, k_buf, v_buf, sel, start, end, sinks, window, scale, token_table).contiguous()
+
+
+@budgeted_attention_step.register_kernel("cuda")
+def _budgeted_attention_step_cuda(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters,
+                                  sketch_pool, sketch_loc, new_keys, sketch_weight):
+    return budgeted_attention_triton(q, k_buf, v_buf, sel, start, end, sinks=sinks, window=window, scale=scale,
+                                     token_table=token_table, split_counters=split_counters,
+                                     new_sketch=NewSketch(sketch_pool, sketch_loc, new_keys, sketch_weight))
+
+
+@budgeted_attention_step.register_fake
+def _budgeted_attention_step_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters,
+                                  sketch_pool, sketch_loc, new_keys, sketch_weight):
     _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
-                          sketch_pool, sketch_loc, new_keys, sketch_weight)
+                          NewSketch(sketch_pool, sketch_loc, new_keys, sketch_weight))
     return q.new_empty(q.shape)
 
 

@@ -253,6 +253,7 @@ class _StepMeta:
     end: torch.Tensor  # [bs] context length (int32)
     budget_per_row: torch.Tensor | None  # [bs] for a fractional budget, else None
     token_table: torch.Tensor  # [bs, T] slots of each position
+    no_selection: torch.Tensor  # [bs, H_kv, 0]: the dense layers' (empty) selection
 
 
 class TokenButlerAttnBackend(TritonAttnBackend):
@@ -281,6 +282,7 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             end=torch.ones(rows, **i32),
             budget_per_row=torch.zeros(rows, dtype=torch.int64, device=self.device),
             token_table=torch.zeros((rows, self.table_len), **i32),
+            no_selection=torch.empty((rows, self.state.num_kv_heads, 0), **i32),
         )
 
     def _build_step(self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, buf: _StepMeta) -> _StepMeta:
@@ -292,7 +294,7 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             bpr = buf.budget_per_row[:bs]
             bpr.copy_(reference.budget_for_rows(self.fraction, start, end, self.budget))
         torch.index_select(self.req_to_token, 0, req_pool_indices[:bs], out=buf.token_table[:bs])
-        return _StepMeta(start, end, bpr, buf.token_table[:bs])
+        return _StepMeta(start, end, bpr, buf.token_table[:bs], buf.no_selection[:bs])
 
     def _budgeted(self, forward_mode, spec_info) -> bool:
         return not self.all_dense and forward_mode.is_decode() and spec_info is None
@@ -304,13 +306,16 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         self.state.decode_budget = self.budget
         self.state.selections.clear()
 
+    # Every layer of a budgeted decode step runs butler_kernels (the dense ones too, see
+    # forward_decode), so the parent's decode metadata, a table of every context's KV indices
+    # (36 us per step at batch 8 x 32K on the H100), is not built for it.
     def init_forward_metadata(self, forward_batch):
-        super().init_forward_metadata(forward_batch)
-        step = None
         bs = forward_batch.batch_size
         if self._budgeted(forward_batch.forward_mode, forward_batch.spec_info) and bs > 0:
-            step = self._build_step(bs, forward_batch.req_pool_indices, forward_batch.seq_lens, self._alloc(bs))
-        self._activate(step)
+            self._activate(self._build_step(bs, forward_batch.req_pool_indices, forward_batch.seq_lens, self._alloc(bs)))
+            return
+        super().init_forward_metadata(forward_batch)
+        self._activate(None)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -324,20 +329,36 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         self._activate(step)
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu):
+        if self._budgeted(forward_mode, spec_info):
+            # Rewrites the captured buffers in place; the graph reads them (and none of the parent's).
+            self._build_step(bs, req_pool_indices, seq_lens, self._graph)
+            return
         super().init_forward_metadata_replay_cuda_graph(
             bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu
         )
-        if self._budgeted(forward_mode, spec_info):
-            # Rewrites the captured buffers in place; the graph reads them.
-            self._build_step(bs, req_pool_indices, seq_lens, self._graph)
 
     # ----- decode ----------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
         step = self._step
-        if step is None or sinks is not None or not self.state.serves(layer.layer_id):
+        if step is None:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
+        if sinks is not None:  # no supported family has attention sinks; the parent's metadata is not built
+            raise NotImplementedError(f"tokenbutler: layer {layer.layer_id} has attention sinks, which it does not support")
         pool = forward_batch.token_to_kv_pool
         bs = step.end.shape[0]
+        if not self.state.serves(layer.layer_id):
+            # Dense (layer 0): the same kernel with a window as long as the table and no selection,
+            # each row's splits sized by its own context (H100, batch 8 x 32K: 367 us against
+            # 441 us for the parent's two kernels, benchmarks/bench_decode_fusions.py).
+            if save_kv_cache:
+                pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+            out, _ = sparse_decode(
+                q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim), pool.get_key_buffer(layer.layer_id),
+                pool.get_value_buffer(layer.layer_id), None, None, step.start, step.end, sinks=0, window=self.table_len,
+                budget=0, scale=layer.scaling, token_table=step.token_table, selection=step.no_selection,
+                split_counters=self._counters(bs),
+            )
+            return out.reshape(bs, -1)
         new_sketch = None
         if save_kv_cache:
             # K/V as the parent writes them; the new tokens' sketch goes with the attention launch
@@ -347,7 +368,6 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             new_sketch = self.state.new_sketch(layer.layer_id, forward_batch.out_cache_loc, k, bs)
         # Selected by the producer hook with the other layers of its producer; else here.
         selection = self.state.selections.get(layer.layer_id)
-        counters = self.state.split_counters
         out, _ = sparse_decode(
             q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim),
             pool.get_key_buffer(layer.layer_id),
@@ -363,10 +383,15 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             token_table=step.token_table,
             budget_per_row=step.budget_per_row,
             selection=selection,
-            split_counters=counters if bs * self.state.num_kv_heads <= counters.numel() else None,
+            split_counters=self._counters(bs),
             new_sketch=new_sketch,
         )
         return out.reshape(bs, -1)
+
+
+    def _counters(self, bs: int) -> torch.Tensor | None:
+        counters = self.state.split_counters
+        return counters if bs * self.state.num_kv_heads <= counters.numel() else None
 
 
 def create_backend(model_runner) -> TokenButlerAttnBackend:
