@@ -181,7 +181,6 @@ def attention_launches(
              n_sel, sinks, window, num_splits, float(scale) * _LOG2E),
             dict(
                 GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()), D=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-                BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
                 DIRECT=num_splits == 1, COUNTED_LOOP=not interpreted, PAGED=paged, IEEE_DOT=q.dtype == torch.float32,
                 # Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16
                 # storage: interpreted runs feed the same (bf16-rounded) values as fp32.
