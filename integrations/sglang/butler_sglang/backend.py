@@ -348,8 +348,8 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         bs = step.end.shape[0]
         if not self.state.serves(layer.layer_id):
             # Dense (layer 0): the same kernel with a window as long as the table and no selection,
-            # each row's splits sized by its own context (H100, batch 8 x 32K: 367 us against
-            # 441 us for the parent's two kernels, benchmarks/bench_decode_fusions.py).
+            # each row's splits sized by its own context (H100, batch 8 x 32K: 366 us against
+            # 440 us for SGLang's decode_attention_fwd with 64 splits, benchmarks/bench_decode_fusions.py).
             if save_kv_cache:
                 pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
             out, _ = sparse_decode(
