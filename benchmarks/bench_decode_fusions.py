@@ -38,6 +38,7 @@ import platform
 import torch
 
 from butler_kernels import NewSketch, budgeted_attention_triton, residual_layer_norm, select, write_sketch
+from butler_kernels.testing import graph_time_ms
 from butler_zoo import ButlerConfig, ButlerPredictor
 
 DEVICE = torch.device("cuda")
@@ -58,18 +59,7 @@ def parse_args(argv=None):
 
 def graph_us(fn) -> float:
     """Median microseconds of one call, replayed from a CUDA graph of ``CALLS`` calls."""
-    import triton
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    return 1000 * triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / CALLS
+    return 1000 * graph_time_ms(fn, CALLS)
 
 
 def predictor_8b() -> ButlerPredictor:

@@ -23,7 +23,7 @@ from butler_kernels import (
     sparse_decode,
 )
 from butler_kernels._triton_loader import triton_interpreted
-from butler_kernels.testing import check_selection, selection_work
+from butler_kernels.testing import check_selection, graph_time_ms, selection_work
 
 pytestmark = [
     pytest.mark.gpu,
@@ -206,22 +206,6 @@ def test_select_scale_free_work(config):
     _RESULTS.append(("select work vs score scale", name, "exact, serial <= 8% at 1e-12..1e12"))
 
 
-def _graph_time_ms(fn, calls: int = 20) -> float:
-    """Median ms of one call replayed from a CUDA graph of ``calls`` calls (no launch overhead)."""
-    import triton.testing
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / calls
-
-
 @pytest.mark.parametrize("b", [1, 8])
 def test_select_time_is_scale_free(b):
     """Llama-3.1-8B selection shapes (8 KV heads, d' 16, bf16, 32K context, 10% budget): the
@@ -241,7 +225,7 @@ def test_select_time_is_scale_free(b):
         score_select_triton(q_sel, sk, start, end, sinks=sinks, window=window, k=k, out=out)
         res = check_selection(out, q_sel, sk, start, end, sinks=sinks, window=window, k=k)
         assert res.ok, f"scale {scale:g}: {res}"
-        times[scale] = _graph_time_ms(
+        times[scale] = graph_time_ms(
             lambda sk=sk: score_select_triton(q_sel, sk, start, end, sinks=sinks, window=window, k=k, out=out)
         )
     ratio = max(times.values()) / min(times.values())

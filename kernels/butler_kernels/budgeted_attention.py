@@ -34,15 +34,24 @@ class NewSketch(NamedTuple):
     weight: torch.Tensor
 
 
-def check_new_sketch(new_sketch: NewSketch, b: int, h_kv: int, d: int, device) -> None:
+def check_attention_call(
+    q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters=None, new_sketch: NewSketch | None = None,
+) -> tuple[int, int, int, int]:
+    """``check_attention`` plus the optional counters and sketch write of one call (the launcher's
+    and the ops' checks); returns ``(B, H_kv, group, D)``."""
     from butler_kernels.sketch_write import check_sketch_write
 
-    pool, loc, keys, weight = new_sketch
-    check_sketch_write(pool, loc, keys, weight)
-    if tuple(keys.shape) != (b, h_kv, d):
-        raise ValueError(f"new_sketch.keys must be [B, H_kv, D] = {[b, h_kv, d]} (one new token per row), got {list(keys.shape)}")
-    if keys.device != torch.device(device):
-        raise ValueError(f"new_sketch is on {keys.device}, q on {device}")
+    b, h_kv, group, d = check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
+    if split_counters is not None:
+        check_split_counters(split_counters, b * h_kv, q.device)
+    if new_sketch is not None:
+        pool, loc, keys, weight = new_sketch
+        check_sketch_write(pool, loc, keys, weight)
+        if tuple(keys.shape) != (b, h_kv, d):
+            raise ValueError(f"new_sketch.keys must be [B, H_kv, D] = {[b, h_kv, d]} (one new token per row), got {list(keys.shape)}")
+        if keys.device != q.device:
+            raise ValueError(f"new_sketch is on {keys.device}, q on {q.device}")
+    return b, h_kv, group, d
 
 
 @dataclass(frozen=True)
@@ -112,11 +121,9 @@ def budgeted_attention_triton(
     (two launches running at once must not share it). Without it each call zeroes a new one, an
     extra fill launch. ``new_sketch``: the step's sketch write (:class:`NewSketch`), done by the
     same launch."""
-    b, h_kv, group, d = check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
-    if split_counters is not None:
-        check_split_counters(split_counters, b * h_kv, q.device)
-    if new_sketch is not None:
-        check_new_sketch(new_sketch, b, h_kv, d, q.device)
+    b, h_kv, group, d = check_attention_call(
+        q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters, new_sketch
+    )
     device = q.device
     hq = q.shape[1]
     if out is None:

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 
 from butler_kernels import reference
-from butler_kernels._checks import check_attention, check_score_select_layers, check_split_counters
-from butler_kernels.budgeted_attention import NewSketch, budgeted_attention_triton, check_new_sketch
+from butler_kernels._checks import check_score_select_layers
+from butler_kernels.budgeted_attention import NewSketch, budgeted_attention_triton, check_attention_call
 from butler_kernels.score_select import score_select_reference, score_select_triton
 from butler_kernels.producer_norm import check_residual_layer_norm, residual_layer_norm_triton
 from butler_kernels.sketch_write import sketch_write_triton
@@ -82,16 +82,8 @@ def budgeted_attention(
     """Decode attention of ``q [B, H_q, D]`` over sinks + window + ``sel``; ``[B, H_q, D]`` in
     ``q``'s dtype. Arguments as in ``budgeted_attention.budgeted_attention_triton`` (the reference
     has no splits and never reads ``split_counters``)."""
-    _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters)
+    check_attention_call(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters)
     return reference.budgeted_attention(q, k_buf, v_buf, sel, start, end, sinks, window, scale, token_table).contiguous()
-
-
-def _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters, new_sketch=None):
-    b, h_kv, _, d = check_attention(q, k_buf, v_buf, sel, start, end, token_table, sinks, window)
-    if split_counters is not None:
-        check_split_counters(split_counters, b * h_kv, q.device)
-    if new_sketch is not None:
-        check_new_sketch(new_sketch, b, h_kv, d, q.device)
 
 
 @budgeted_attention.register_kernel("cuda")
@@ -102,7 +94,7 @@ def _budgeted_attention_cuda(q, k_buf, v_buf, sel, start, end, token_table, sink
 
 @budgeted_attention.register_fake
 def _budgeted_attention_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters=None):
-    _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters)
+    check_attention_call(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters)
     return q.new_empty(q.shape)
 
 
@@ -131,7 +123,7 @@ def budgeted_attention_step(
     NewSketch(sketch_pool, sketch_loc, new_keys, sketch_weight)`` of ``budgeted_attention_triton``
     (``reference.write_sketch`` here)."""
     new_sketch = NewSketch(sketch_pool, sketch_loc, new_keys, sketch_weight)
-    _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters, new_sketch)
+    check_attention_call(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters, new_sketch)
     reference.write_sketch(*new_sketch)
     return reference.budgeted_attention(q, k_buf, v_buf, sel, start, end, sinks, window, scale, token_table).contiguous()
 
@@ -147,7 +139,7 @@ def _budgeted_attention_step_cuda(q, k_buf, v_buf, sel, start, end, token_table,
 @budgeted_attention_step.register_fake
 def _budgeted_attention_step_fake(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, scale, split_counters,
                                   sketch_pool, sketch_loc, new_keys, sketch_weight):
-    _check_attention_args(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
+    check_attention_call(q, k_buf, v_buf, sel, start, end, token_table, sinks, window, split_counters,
                           NewSketch(sketch_pool, sketch_loc, new_keys, sketch_weight))
     return q.new_empty(q.shape)
 

@@ -18,7 +18,7 @@ import torch
 from butler_kernels import reference
 from butler_kernels.score_select import SelectionWork, selection_work
 
-__all__ = ["SelectionCheck", "SelectionWork", "check_selection", "selection_work"]
+__all__ = ["SelectionCheck", "SelectionWork", "check_selection", "graph_time_ms", "selection_work"]
 
 
 @dataclass
@@ -101,3 +101,21 @@ def check_selection(
         magnitude = float(scores.abs().max()) if scores.numel() else 0.0
         tolerance = 1e-5 * magnitude
     return SelectionCheck(b * h_kv, bad_count, bad_layout, not_candidate, max_err, tolerance)
+
+
+def graph_time_ms(fn, calls: int = 20) -> float:
+    """Median ms of one call of ``fn`` replayed from a CUDA graph of ``calls`` calls (no launch
+    overhead: what a server's captured decode step sees), timed with ``triton.testing.do_bench``.
+    ``fn`` runs once on a side stream first (compilation, allocator warm-up)."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / calls
