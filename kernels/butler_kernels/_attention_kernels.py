@@ -195,8 +195,8 @@ def _merge_splits(
 ):
     """Output of the GQA group's heads from the ``num_splits`` partials: softmax weights from the
     splits' log-sum-exps, relative to their maximum. Loops over the splits (a [heads, splits]
-    tile of 16 splits cost the whole kernel 20 registers and an SM's fifth program: 30% slower at
-    batch 8 x 32K on the H100)."""
+    tile of 16 splits cost the whole kernel registers and an SM's fifth program: dense layer 483.8 vs
+    365.8 us at batch 8 x 32K on the H100, benchmarks/results/bench_decode_fusions_h100*.json)."""
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     den = tl.zeros([G_PAD], tl.float32)

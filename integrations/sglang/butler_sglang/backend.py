@@ -308,7 +308,7 @@ class TokenButlerAttnBackend(TritonAttnBackend):
 
     # Every layer of a budgeted decode step runs butler_kernels (the dense ones too, see
     # forward_decode), so the parent's decode metadata, a table of every context's KV indices
-    # (36 us per step at batch 8 x 32K on the H100), is not built for it.
+    # (36.7 us per step at batch 8 x 32K on the H100, gpu/results/server_profile_b8x32k.md), is not built for it.
     def init_forward_metadata(self, forward_batch):
         bs = forward_batch.batch_size
         if self._budgeted(forward_batch.forward_mode, forward_batch.spec_info) and bs > 0:
