@@ -95,7 +95,25 @@ def step_table(kernels: list, label: str, step_kernel: str | None = None, rows: 
              "| kernel | us per step | calls per step |", "|---|---|---|"]
     for name, dur, n in _totals(seg, 60)[:rows]:
         lines.append(f"| {name} | {dur / steps:.1f} | {n / steps:g} |")
+    lines.append("\n" + gap_line(kernels[marks[0] : marks[-1] + 1], steps))
     return "\n".join(lines) + "\n"
+
+
+def gap_line(seg: list, steps: int) -> str:
+    """Where the GPU idles inside a step: the time between one kernel's end and the next one's start
+    (in a CUDA graph mostly the per-launch gap, so it grows with the kernel count), bucketed by size."""
+    buckets = {"< 1 us": [0.0, 0], "1-5 us": [0.0, 0], "5-20 us": [0.0, 0], ">= 20 us": [0.0, 0]}
+    overlap = 0.0
+    for a, b in zip(seg, seg[1:]):
+        g = b["ts"] - (a["ts"] + a["dur"])
+        if g < 0:
+            overlap -= g
+            continue
+        key = "< 1 us" if g < 1 else "1-5 us" if g < 5 else "5-20 us" if g < 20 else ">= 20 us"
+        buckets[key][0] += g
+        buckets[key][1] += 1
+    parts = [f"{k}: {t / steps:.1f} us in {n / steps:g}" for k, (t, n) in buckets.items()]
+    return f"GPU idle between kernels per step ({', '.join(parts)}); kernels overlapping: {overlap / steps:.1f} us"
 
 
 def profile(name: str, dense: bool, batch: int, context: int, steps: int, step_kernel: str | None = None) -> None:

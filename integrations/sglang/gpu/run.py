@@ -5,7 +5,9 @@
                       /v1/completions (text, token ids, streaming), 64 concurrent mixed-length
                       requests; plus two launches that must be refused at startup.
   run.py bench NAMES  decode throughput (bench.py) of servers NAMES (comma list of dense8, dense64,
-                      tb, tb8) at 32K context, batch 1 / 8 / 12, and batch 16 at 24K.
+                      tb, tb8) at 32K context, batch 1 / 8 / 12, and batch 16 at 24K; each batch
+                      sent $BENCH_REPEAT times (default 3: the later rounds hit the radix cache),
+                      the median decode tok/s reported.
   run.py smollm2      SmolLM2-135M-Instruct (converted from the carried GGUF): greedy outputs of a
                       prompt set, dense vs tokenbutler at full budget (must be identical) and at 25%.
 
@@ -273,7 +275,8 @@ def bench(names: str) -> None:
             for run in BENCH_RUNS:
                 b, n = run[1:].split("x")
                 p = subprocess.run([PY, str(HERE / "bench.py"), "--port", str(PORT), "--batch", b, "--input-len", n,
-                                    "--output-len", "128", "--tag", f"{name}-{run}", "--json-out", str(jl)],
+                                    "--output-len", "128", "--tag", f"{name}-{run}", "--json-out", str(jl),
+                                    "--repeat", os.environ.get("BENCH_REPEAT", "3")],
                                    capture_output=True, text=True, timeout=400)
                 line = next((l for l in p.stdout.splitlines() if l.startswith("BENCH ")), None)
                 if line is None:
