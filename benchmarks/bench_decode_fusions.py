@@ -90,7 +90,11 @@ def bench_producer(pred: ButlerPredictor, batch: int) -> dict:
     return {"unfused_us": graph_us(unfused), "fused_us": graph_us(fused), "rel_err": err}
 
 
-def bench_layer(pred: ButlerPredictor, batch: int, context: int, args) -> dict:
+def served_layer_case(pred: ButlerPredictor, batch: int, context: int, sinks: int, window: int, k: int) -> dict:
+    """Inputs of one served layer's decode attention on Llama-3.1-8B shapes, laid out as the SGLang
+    backend has them: paged K/V ``[slots, H_kv, D]`` behind a shuffled page table, the head-major
+    sketch pool, the producer's selection of ``k`` positions per (row, KV head), the step's new keys
+    and their slots."""
     gen = torch.Generator(device=DEVICE).manual_seed(batch + context)
     h_kv, group, d, dp = 8, 4, 128, 16
     slots = batch * context + batch
@@ -101,17 +105,25 @@ def bench_layer(pred: ButlerPredictor, batch: int, context: int, args) -> dict:
     pool = torch.randn(h_kv, slots, dp, device=DEVICE, dtype=torch.bfloat16, generator=gen).transpose(0, 1)
     start = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
     end = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
-    attended = int(args.budget * context)
-    k = attended - args.sinks - args.window
     q_sel = torch.randn(batch, h_kv, dp, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    sel = select(q_sel, pool, start, end, sinks=args.sinks, window=args.window, budget=k, token_table=table)
-    q = torch.randn(batch, h_kv * group, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    keys = torch.randn(batch, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    loc = table[:, -1].long()  # the newest position's slot, as out_cache_loc
-    weight = pred.key_proj[0]
-    counters = torch.zeros(batch * h_kv, dtype=torch.int32, device=DEVICE)
+    sel = select(q_sel, pool, start, end, sinks=sinks, window=window, budget=k, token_table=table)
+    return dict(
+        q=torch.randn(batch, h_kv * group, d, device=DEVICE, dtype=torch.bfloat16, generator=gen),
+        kbuf=kbuf, vbuf=vbuf, pool=pool, sel=sel, start=start, end=end, table=table,
+        keys=torch.randn(batch, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen),
+        loc=table[:, -1].long(),  # the newest position's slot, as out_cache_loc
+        weight=pred.key_proj[0],
+        counters=torch.zeros(batch * h_kv, dtype=torch.int32, device=DEVICE),
+    )
+
+
+def bench_layer(pred: ButlerPredictor, batch: int, context: int, args) -> dict:
+    attended = int(args.budget * context)
+    c = served_layer_case(pred, batch, context, args.sinks, args.window, attended - args.sinks - args.window)
+    q, kbuf, vbuf, pool, sel, start, end = c["q"], c["kbuf"], c["vbuf"], c["pool"], c["sel"], c["start"], c["end"]
+    keys, loc, weight, counters = c["keys"], c["loc"], c["weight"], c["counters"]
     out = torch.empty_like(q)
-    kw = dict(sinks=args.sinks, window=args.window, scale=d**-0.5, token_table=table, out=out)
+    kw = dict(sinks=args.sinks, window=args.window, scale=q.shape[-1] ** -0.5, token_table=c["table"], out=out)
 
     def unfused():
         write_sketch(pool, loc, keys, weight)
@@ -131,19 +143,30 @@ def bench_layer(pred: ButlerPredictor, batch: int, context: int, args) -> dict:
     return {"unfused_us": graph_us(unfused), "fused_us": graph_us(fused), "sketch_max_abs_diff": sk_err}
 
 
-def bench_dense_layer(batch: int, context: int) -> dict:
+def dense_layer_case(batch: int, context: int) -> dict:
+    """Inputs of layer 0's dense decode attention on Llama-3.1-8B shapes (paged, as in SGLang)."""
     gen = torch.Generator(device=DEVICE).manual_seed(7 * batch + context)
     h_kv, h_q, d = 8, 32, 128
     slots = batch * context
     pages = torch.randperm(slots // 16, device=DEVICE, generator=gen)
     table = (pages[:, None] * 16 + torch.arange(16, device=DEVICE)).reshape(batch, context).to(torch.int32)
-    kbuf = torch.randn(slots, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    vbuf = torch.randn(slots, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    q = torch.randn(batch, h_q, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    start = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
-    end = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
-    no_sel = torch.empty(batch, h_kv, 0, dtype=torch.int32, device=DEVICE)
-    counters = torch.zeros(batch * h_kv, dtype=torch.int32, device=DEVICE)
+    return dict(
+        kbuf=torch.randn(slots, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen),
+        vbuf=torch.randn(slots, h_kv, d, device=DEVICE, dtype=torch.bfloat16, generator=gen),
+        q=torch.randn(batch, h_q, d, device=DEVICE, dtype=torch.bfloat16, generator=gen),
+        table=table,
+        start=torch.zeros(batch, dtype=torch.int32, device=DEVICE),
+        end=torch.full((batch,), context, dtype=torch.int32, device=DEVICE),
+        no_sel=torch.empty(batch, h_kv, 0, dtype=torch.int32, device=DEVICE),
+        counters=torch.zeros(batch * h_kv, dtype=torch.int32, device=DEVICE),
+    )
+
+
+def bench_dense_layer(batch: int, context: int) -> dict:
+    c = dense_layer_case(batch, context)
+    kbuf, vbuf, q, table, start, end, no_sel, counters = (c[n] for n in ("kbuf", "vbuf", "q", "table", "start", "end",
+                                                                          "no_sel", "counters"))
+    h_q, d = q.shape[1], q.shape[2]
     ours = torch.empty_like(q)
 
     def butler():
