@@ -199,15 +199,30 @@ def bench_dense_layer(batch: int, context: int) -> dict:
     return row
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def report_header() -> dict:
+    """Prints the run's header line and returns the machine and versions for the JSON."""
     import triton
 
-    pred = predictor_8b()
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version()}
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}; bf16, Llama-3.1-8B shapes; us per call "
           f"(CUDA graph of {CALLS} calls, median)")
+    return env
+
+
+def write_report(args, name: str, payload: dict) -> None:
+    """Writes ``payload`` to ``--json PATH``, else to ``$OUT/name`` when ``OUT`` is set."""
+    path = args.json or (os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"\nwrote {path}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    pred = predictor_8b()
+    env = report_header()
     print("\n| place | batch | context | unfused us | fused us | saved us |\n|---|---|---|---|---|---|")
     rows = []
     for b in args.batch:
@@ -227,11 +242,7 @@ def main(argv=None) -> None:
             theirs = "n/a (SGLang not importable)" if r["sglang_us"] is None else f"{r['sglang_us']:.1f}"
             saved = "-" if r["sglang_us"] is None else f"{r['sglang_us'] - r['butler_us']:.1f}"
             print(f"| dense layer | {b} | {t} | {theirs} | {r['butler_us']:.1f} | {saved} |")
-    path = args.json or (os.path.join(os.environ["OUT"], "bench_decode_fusions.json") if os.environ.get("OUT") else None)
-    if path:
-        with open(path, "w") as f:
-            json.dump({"env": env, "args": vars(args), "rows": rows}, f, indent=1)
-        print(f"\nwrote {path}")
+    write_report(args, "bench_decode_fusions.json", {"env": env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

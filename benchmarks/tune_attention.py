@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 
 import torch
 
-from bench_decode_fusions import DEVICE, dense_layer_case, graph_us, predictor_8b, served_layer_case
+from bench_decode_fusions import (
+    DEVICE, dense_layer_case, graph_us, predictor_8b, report_header, served_layer_case, write_report,
+)
 from butler_kernels import AttentionConfig, NewSketch, budgeted_attention_triton
 from butler_kernels.budgeted_attention import default_attention_config
 
@@ -102,12 +101,7 @@ def dense(batch: int, context: int) -> tuple[list[dict], AttentionConfig]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import triton
-
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version()}
-    print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}; bf16, Llama-3.1-8B shapes; us per call "
-          "(CUDA graph of 20 calls, median)")
+    env = report_header()
     pred = predictor_8b()
     results = []
     for b in args.batch:
@@ -123,11 +117,7 @@ def main(argv=None) -> None:
                     print(f"| {r['num_splits']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['us']:.1f}{mark} |")
                 results.append({"place": place, "batch": b, "context": t, "k": args.k if place == "served" else None,
                                 "default": dataclasses.asdict(default), "rows": rows})
-    path = args.json or (os.path.join(os.environ["OUT"], "tune_attention.json") if os.environ.get("OUT") else None)
-    if path:
-        with open(path, "w") as f:
-            json.dump({"env": env, "args": vars(args), "results": results}, f, indent=1)
-        print(f"\nwrote {path}")
+    write_report(args, "tune_attention.json", {"env": env, "args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -388,7 +388,6 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         )
         return out.reshape(bs, -1)
 
-
     def _counters(self, bs: int) -> torch.Tensor | None:
         counters = self.state.split_counters
         return counters if bs * self.state.num_kv_heads <= counters.numel() else None
