@@ -50,6 +50,8 @@ def decode_rate(model, batch: int, context: int, steps: int, warmup: int, compil
     """Prefill eagerly, then time ``steps`` compiled decode steps; returns (tokens/s, ms/step, compile s)."""
     from transformers import StaticCache
 
+    from butler_zoo.compat import cache_kwarg
+
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(1)
     lo = min(1000, model.config.vocab_size // 4)
@@ -57,7 +59,7 @@ def decode_rate(model, batch: int, context: int, steps: int, warmup: int, compil
     cache_len = context + warmup + steps + 8
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
-    out = model(input_ids=ids, attention_mask=mask[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask[:, :context], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
     tok = out.logits[:, -1:].argmax(-1)
     del out
     step = model.forward
@@ -67,7 +69,7 @@ def decode_rate(model, batch: int, context: int, steps: int, warmup: int, compil
 
     def one(i):
         nonlocal tok
-        o = step(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True, position_ids=pos + i, logits_to_keep=1)
+        o = step(input_ids=tok, attention_mask=mask, use_cache=True, position_ids=pos + i, logits_to_keep=1, **{cache_kwarg(model): cache})
         tok = o.logits[:, -1:].argmax(-1)
 
     t0 = time.perf_counter()

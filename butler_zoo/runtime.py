@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from butler_zoo import sparse
 from butler_zoo.cache import SketchedLayerMixin, ensure_sketched
+from butler_zoo.compat import CACHE_ARGUMENTS, SUPPORTED_TRANSFORMERS, find_cache, versions_line
 from butler_zoo.config import ButlerConfig
 from butler_zoo.errors import ButlerError, UnsupportedModelError
 from butler_zoo.families import ModelFamily
@@ -53,22 +54,28 @@ _DENSE = {"tokenbutler": sdpa_attention_forward, "tokenbutler_eager": _eager_den
 
 @dataclass
 class DecodeStats:
-    """KV positions read during decode, summed over rows, KV heads and layers (device tensors, no sync)."""
+    """KV positions read during decode by the layers a predictor serves, summed over rows, KV heads and
+    layers (device tensors, no sync), and how many of those layer steps were budgeted (sparse)."""
 
     read: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     dense: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    steps: int = 0
+    layer_steps: int = 0
+    sparse_layer_steps: int = 0
 
-    def add(self, read: torch.Tensor, dense: torch.Tensor) -> None:
+    def add(self, read: torch.Tensor, dense: torch.Tensor, sparse: bool) -> None:
         if self.read.device != read.device:
             self.read, self.dense = self.read.to(read.device), self.dense.to(read.device)
         self.read += read.to(torch.float64)
         self.dense += dense.to(torch.float64)
+        self.layer_steps += 1
+        self.sparse_layer_steps += int(sparse)
 
     @property
-    def fraction_read(self) -> float:
+    def fraction_read(self) -> float | None:
+        """Positions read / positions a dense decode would read; ``None`` when no decode step was recorded
+        (a ratio of nothing is not 100%)."""
         d = float(self.dense)
-        return float(self.read) / d if d else 1.0
+        return float(self.read) / d if d else None
 
 
 class ButlerRuntime:
@@ -93,6 +100,7 @@ class ButlerRuntime:
         # model). Tests switch this off to check that the budgeted path itself equals dense attention.
         self.dense_fallback = True
         self.recorder: list | None = None
+        self._layout_problem: str | None = None
         self._producer_index = {layer: k for k, layer in enumerate(self.config.producer_layers)}
         self._model_ref = model
 
@@ -109,6 +117,7 @@ class ButlerRuntime:
             attn = self.family.attention(layers[layer_idx])
             attn._butler_runtime = self
             self._handles.append(attn.register_forward_pre_hook(self._cache_pre_hook, with_kwargs=True))
+            self._handles.append(attn.register_forward_hook(self._bypass_check_hook, with_kwargs=True))
 
     def uninstall(self, model: nn.Module) -> None:
         for h in self._handles:
@@ -126,9 +135,41 @@ class ButlerRuntime:
         return hook
 
     def _cache_pre_hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is not None:
+        found, cache = find_cache(module, args, kwargs)
+        self._layout_problem = None
+        if not found:
+            self._layout_problem = (
+                f"the attention module {type(module).__name__} was called with none of the cache arguments "
+                f"{' / '.join(CACHE_ARGUMENTS)} (keyword arguments: {', '.join(sorted(kwargs)) or 'none'})"
+            )
+        elif cache is not None:
             ensure_sketched(cache, module.layer_idx, self)
+
+    def _bypass_check_hook(self, module, args, kwargs, output):
+        # The cache update wrote this step's sketch, but the attention function never took it: the model's
+        # attention did not go through transformers' attention interface, so the step ran dense.
+        entry = self._sketches.pop(module.layer_idx, None)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if entry is None or hidden is None or hidden.shape[1] != 1 or not self._enabled_for_call(kwargs):
+            return
+        self._refuse_dense_step(module.layer_idx, entry[0].shape[2], self._policy_for_call(kwargs), (
+            f"{type(module).__name__}.forward did not call transformers' attention interface "
+            f"(config._attn_implementation={self._registered_name!r})"
+        ))
+
+    def _refuse_dense_step(self, layer_idx: int, context: int, policy: SparsePolicy, why: str) -> None:
+        """Raise instead of letting a decode step that the policy makes sparse run densely."""
+        if sparse.fits_dense(context, policy):
+            return
+        raise ButlerError(
+            f"layer {layer_idx}: a decode step over {context} cached tokens would have run dense although the "
+            f"policy ({policy.describe()}) makes it sparse: {why}. {versions_line()}: install a release in that "
+            f"range (pip install 'transformers{SUPPORTED_TRANSFORMERS}'); if yours is inside it, this release changed "
+            "how attention layers get the cache: please report it to butler-zoo"
+        )
+
+    def _enabled_for_call(self, kwargs) -> bool:
+        return self.enabled if kwargs.get("butler_enabled") is None else bool(kwargs["butler_enabled"])
 
     def sketch_written(self, layer_idx: int, sketch: torch.Tensor, cache_layer: SketchedLayerMixin) -> None:
         self._sketches[layer_idx] = (sketch, cache_layer)
@@ -187,15 +228,19 @@ class ButlerRuntime:
         entry = self._sketches.pop(layer_idx, None)
         dense = _DENSE[self._registered_name]
         decoding = query.shape[2] == 1 and entry is not None
-        enabled = self.enabled if kwargs.get("butler_enabled") is None else bool(kwargs["butler_enabled"])
+        enabled = self._enabled_for_call(kwargs)
         clean = {k: v for k, v in kwargs.items() if k not in CALL_KWARGS}
         policy = self._policy_for_call(kwargs)
+        if query.shape[2] == 1 and entry is None and enabled:
+            self._refuse_dense_step(layer_idx, key.shape[2], policy, self._layout_problem or (
+                "the cache layer was not sketched (no sketch was written with this step's keys)"
+            ))
         if not (decoding and enabled) or (self.dense_fallback and sparse.fits_dense(key.shape[2], policy)):
             if query.shape[2] == 1 and (self.stats is not None or self.recorder is not None):
                 start, end = sparse.valid_range(attention_mask, key.shape[2], query.shape[0], query.device)
                 if self.stats is not None:
                     n = ((end - start) * key.shape[1]).sum()
-                    self.stats.add(n, n)
+                    self.stats.add(n, n, sparse=False)
                 if self.recorder is not None and decoding and not torch.compiler.is_compiling():
                     self.recorder.append((layer_idx, None, start.clone(), end.clone(), policy))
             return dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **clean)
@@ -225,7 +270,7 @@ class ButlerRuntime:
         )
         if self.stats is not None:
             read, full = sparse.read_counts(sel, start, end, policy)
-            self.stats.add(read, full)
+            self.stats.add(read, full, sparse=True)
         if self.recorder is not None and not torch.compiler.is_compiling():
             self.recorder.append((layer_idx, sel.detach().clone(), start.clone(), end.clone(), policy))
         return out[:, None], None  # transformers expects [B, q_len, H, D]

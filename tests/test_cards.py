@@ -19,6 +19,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from butler_training.recipes import all_recipes, get_recipe
 from butler_zoo import cards
 from butler_zoo.cli import main
+from butler_zoo.compat import cache_kwarg, output_cache
 from butler_zoo.config import ButlerConfig
 from butler_zoo.errors import ButlerError
 from butler_zoo.predictor import ButlerPredictor
@@ -31,9 +32,9 @@ def _decode_ppl(model, ids: torch.Tensor, prefill: int) -> tuple[float, float]:
     """Teacher-forced decode: prefill ``prefill`` tokens, then feed one token per step; (ppl, KV fraction read)."""
     stats = model.butler.track_stats()
     out = model(ids[:, :prefill], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits[:, -1]]
+    cache, logits = output_cache(out), [out.logits[:, -1]]
     for t in range(prefill, ids.shape[1] - 1):
-        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t:t + 1], use_cache=True, **{cache_kwarg(model): cache})
         logits.append(out.logits[:, -1])
     logp = torch.log_softmax(torch.stack(logits, 1).float(), -1)
     return float((-logp.gather(-1, ids[:, prefill:, None]).mean()).exp()), stats.fraction_read

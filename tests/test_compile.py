@@ -18,6 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import StaticCache
 
 from butler_zoo import attach_butler
+from butler_zoo.compat import cache_kwarg
 from tiny_models import left_padded_batch, tiny_model, tiny_predictor
 
 pytestmark = pytest.mark.slow
@@ -27,12 +28,12 @@ def _decode(model, step_fn, ids, mask, cache_len, steps):
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], cache_len - mask.shape[1], dtype=mask.dtype)], 1)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
         tok = out.logits[:, -1:].argmax(-1)
         pos = mask.sum(-1, keepdim=True)
         logits = []
         for i in range(steps):
-            o = step_fn(input_ids=tok, attention_mask=full_mask, past_key_values=cache, use_cache=True, position_ids=pos + i)
+            o = step_fn(input_ids=tok, attention_mask=full_mask, use_cache=True, position_ids=pos + i, **{cache_kwarg(model): cache})
             logits.append(o.logits[:, -1])
             tok = o.logits[:, -1:].argmax(-1)
     return torch.stack(logits)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from butler_zoo import attach_butler, detach_butler
+from butler_zoo.compat import cache_kwarg, output_cache
 from tiny_models import TINY_SPECS, left_padded_batch, tiny_model, tiny_predictor
 
 STEPS = 6
@@ -99,7 +100,7 @@ def test_attended_set_is_sinks_window_topb(name, query_heads, budget):
     # A cache without sliding layers keeps every token, so Mistral's window must come from the mask alone.
     cache = DynamicCache()
     with model.butler.record() as rec:
-        out = _generate(model, ids, mask, past_key_values=cache)
+        out = _generate(model, ids, mask, **{cache_kwarg(model): cache})
     for h in hooks:
         h.remove()
     window_limit = getattr(model.config, "sliding_window", None)
@@ -114,7 +115,7 @@ def test_attended_set_is_sinks_window_topb(name, query_heads, budget):
         length = width + step + 1
         producer, slot = cfg.producer_of(layer)
         q = _independent_queries(predictor, producer, hidden[cfg.producer_layers[producer]][step])[:, slot]
-        keys = out.past_key_values.layers[layer].keys[:, :, :length].double()
+        keys = output_cache(out).layers[layer].keys[:, :, :length].double()
         sketch = torch.einsum("bhtd,hde->bhte", keys, predictor.key_proj[layer - 1].double()) / math.sqrt(cfg.sketch_dim)
         for b in range(ids.shape[0]):
             lo = int(pads[b]) if window_limit is None else max(int(pads[b]), length - window_limit)
@@ -209,7 +210,7 @@ def test_detach_restores_dense_model():
     dense = _generate(model, ids, mask)
     attach_butler(model, tiny_predictor(model), budget=2)
     cache = DynamicCache()
-    _generate(model, ids, mask, past_key_values=cache)
+    _generate(model, ids, mask, **{cache_kwarg(model): cache})
     detach_butler(model, cache=cache)
     assert model.config._attn_implementation == "sdpa"
     assert "generate" not in model.__dict__ and not hasattr(model, "butler")

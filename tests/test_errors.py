@@ -22,6 +22,7 @@ from butler_zoo import (
     attach_butler,
     get_family,
 )
+from butler_zoo.compat import cache_kwarg
 from tiny_models import left_padded_batch, tiny_model, tiny_predictor
 
 
@@ -184,11 +185,11 @@ def test_cache_filled_before_attach():
     model = tiny_model("llama-gqa")
     ids, mask = left_padded_batch()
     cache = DynamicCache()
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
     attach_butler(model, tiny_predictor(model), budget=2)
     nxt = torch.ones(ids.shape[0], 1, dtype=torch.long)
     with pytest.raises(UnsupportedModelError, match="without a predictor.*attach the predictor before the prefill"):
-        model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), past_key_values=cache, use_cache=True)
+        model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), use_cache=True, **{cache_kwarg(model): cache})
 
 
 def test_mask_with_holes_is_rejected():
