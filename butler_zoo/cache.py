@@ -56,7 +56,8 @@ class SketchedLayerMixin(cache_utils.CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        new = self._butler_runtime.predictor.project_keys(self._butler_layer, key_states)
+        runtime = self._butler_runtime
+        new = runtime.predictor.project_keys(self._butler_layer, key_states, rope=runtime.key_rope)
         sketch, _ = self._butler_sketch.update(new, new[..., :0])
         self._butler_runtime.sketch_written(self._butler_layer, sketch, self)
         return keys, values

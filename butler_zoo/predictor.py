@@ -5,9 +5,17 @@ One module serves training, the transformers runtime, SGLang and ``torch.export`
 * producer ``k`` reads the residual stream after decoder layer ``k*G`` and emits, through
   ``LayerNorm -> Linear(E, I) -> SiLU -> Linear(I, n*H*d')``, one d'-dim query per head for each of
   the ``n <= G`` layers it serves (``k*G+1 .. k*G+G``); layer 0 runs dense;
-* keys are not predicted: layer ``l`` projects its real post-RoPE keys with ``W_l [H_kv, D, d']``
-  (the *sketch*, cached next to K/V);
+* keys are not predicted: layer ``l`` projects its real keys with ``W_l [H_kv, D, d']`` (the
+  *sketch*, cached next to K/V);
 * the score of a cached token is ``<q~, k~> / sqrt(d')`` (``butler_kernels.reference.score_tokens``).
+
+Format 2 (``config.format_version``) makes the score position-consistent: the keys are un-rotated
+(pre-RoPE) before ``W_l``, and the sketch and the predicted query are rotated with the base's own
+rotary angles at their positions on the pairs ``config.rope_pairs`` names. Every runtime passes the
+base's ``(cos, sin)`` of the positions involved (``rope=``: ``[..., D]`` as transformers computes them,
+or ``[..., D/2]``); a score then depends on a key's content and its distance to the query only. Format
+1 projected post-RoPE keys and gave the query no position: a key's score depended on where it sat in
+the context, which the predictor had only seen up to its training length.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from butler_kernels.reference import rotate_pairs, unrotate_keys
 from butler_zoo.config import CONFIG_NAME, WEIGHTS_NAME, ButlerConfig
-from butler_zoo.errors import PredictorWeightsError
+from butler_zoo.errors import ButlerError, PredictorWeightsError
 
 __all__ = ["ButlerPredictor", "QueryProducer"]
 
@@ -79,6 +88,8 @@ class ButlerPredictor(
         )
         # Row l-1 projects the keys of layer l (layer 0 runs dense and has no sketch).
         self.key_proj = nn.Parameter(torch.empty(c.num_hidden_layers - 1, c.num_key_value_heads, c.head_dim, c.sketch_dim))
+        pairs = c.rope_pairs if c.format_version >= 2 else []
+        self.register_buffer("rope_pairs", torch.tensor(pairs, dtype=torch.long), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -106,10 +117,47 @@ class ButlerPredictor(
         ``out`` as in :meth:`QueryProducer.from_normed`."""
         return self.producers[producer].from_normed(normed, out)
 
-    def project_keys(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        """Sketch of layer ``layer``'s post-RoPE keys: ``[B, H_kv, T, D] -> [B, H_kv, T, d']``."""
+    @property
+    def position_consistent(self) -> bool:
+        """Format 2: the sketch and the queries need the base's rotary angles (``rope=``)."""
+        return self.config.format_version >= 2
+
+    def _half_angles(self, rope, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if rope is None:
+            raise ButlerError(
+                f"this predictor (format {self.config.format_version}) needs the base's rotary angles of the {what}' "
+                "positions (rope=(cos, sin)); the runtime did not pass them"
+            )
+        cos, sin = rope
+        half = self.config.head_dim // 2
+        if cos.shape[-1] == 2 * half:  # transformers' layout repeats the D/2 angles
+            cos, sin = cos[..., :half], sin[..., :half]
+        return cos, sin
+
+    def project_keys(self, layer: int, keys: torch.Tensor, rope=None) -> torch.Tensor:
+        """Sketch of layer ``layer``'s keys: ``keys [B, H_kv, T, D]`` post-RoPE -> ``[B, H_kv, T, d']``.
+
+        Format 2: ``rope = (cos, sin)`` of the keys' positions, ``[B or 1, T, D or D/2]``."""
         w = self.key_proj[layer - 1]
-        return torch.einsum("bhtd,hde->bhte", keys.to(w.dtype), w).to(keys.dtype)
+        k = keys.to(w.dtype)
+        if self.position_consistent:
+            cos, sin = self._half_angles(rope, "keys")
+            cos, sin = cos.to(w.dtype)[:, None], sin.to(w.dtype)[:, None]
+            k = unrotate_keys(k, cos, sin)
+        out = torch.einsum("bhtd,hde->bhte", k, w)
+        if self.position_consistent:
+            out = rotate_pairs(out, cos, sin, self.rope_pairs)
+        return out.to(keys.dtype)
+
+    def position_queries(self, queries: torch.Tensor, rope=None) -> torch.Tensor:
+        """Give predicted queries ``[..., n, H_sel, d']`` their position: format 2 rotates them with
+        ``rope = (cos, sin)`` ``[..., D or D/2]`` of the query tokens (leading dims as ``queries``');
+        format 1 returns them unchanged."""
+        if not self.position_consistent:
+            return queries
+        cos, sin = self._half_angles(rope, "queries")
+        cos, sin = cos[..., None, None, :].to(queries.dtype), sin[..., None, None, :].to(queries.dtype)
+        return rotate_pairs(queries, cos, sin, self.rope_pairs)
 
     def layer_queries(self, layer: int, producer_out: torch.Tensor) -> torch.Tensor:
         """Slice a producer's output for one served layer: ``[..., n, H_sel, d'] -> [..., H_sel, d']``."""

@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from butler_zoo import sparse
 from butler_zoo.cache import SketchedLayerMixin, ensure_sketched
-from butler_zoo.compat import CACHE_ARGUMENTS, SUPPORTED_TRANSFORMERS, find_cache, versions_line
+from butler_zoo.compat import CACHE_ARGUMENTS, SUPPORTED_TRANSFORMERS, find_cache, find_rope, versions_line
 from butler_zoo.config import ButlerConfig
 from butler_zoo.errors import ButlerError, UnsupportedModelError
 from butler_zoo.families import ModelFamily
@@ -101,6 +101,7 @@ class ButlerRuntime:
         self.dense_fallback = True
         self.recorder: list | None = None
         self._layout_problem: str | None = None
+        self.key_rope: tuple | None = None
         self._producer_index = {layer: k for k, layer in enumerate(self.config.producer_layers)}
         self._model_ref = model
 
@@ -112,7 +113,7 @@ class ButlerRuntime:
     def install(self, model: nn.Module) -> None:
         layers = self.family.decoder_layers(model)
         for layer_idx, k in self._producer_index.items():
-            self._handles.append(layers[layer_idx].register_forward_hook(self._make_producer_hook(k)))
+            self._handles.append(layers[layer_idx].register_forward_hook(self._make_producer_hook(k), with_kwargs=True))
         for layer_idx in range(1, self.config.num_hidden_layers):
             attn = self.family.attention(layers[layer_idx])
             attn._butler_runtime = self
@@ -127,15 +128,24 @@ class ButlerRuntime:
             self.family.attention(layer).__dict__.pop("_butler_runtime", None)
 
     def _make_producer_hook(self, producer: int):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
             # Only a decode step needs queries: prefill is dense.
-            self._queries[producer] = self.predictor.producer_queries(producer, hidden[:, -1]) if hidden.shape[1] == 1 else None
+            if hidden.shape[1] != 1:
+                self._queries[producer] = None
+                return
+            queries = self.predictor.producer_queries(producer, hidden[:, -1])
+            if self.predictor.position_consistent:
+                rope = find_rope(module, args, kwargs)
+                queries = self.predictor.position_queries(queries, None if rope is None else (rope[0][:, -1], rope[1][:, -1]))
+            self._queries[producer] = queries
 
         return hook
 
     def _cache_pre_hook(self, module, args, kwargs):
         found, cache = find_cache(module, args, kwargs)
+        # the angles of the tokens this call writes: a format-2 sketch un-rotates their keys with them
+        self.key_rope = find_rope(module, args, kwargs)
         self._layout_problem = None
         if not found:
             self._layout_problem = (

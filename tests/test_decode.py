@@ -73,6 +73,20 @@ def _independent_queries(predictor, producer, hidden):
     return x.view(hidden.shape[0], *p.out_shape)
 
 
+def _rotate_pairs_by_hand(x, cos, sin, pairs):
+    """Rotate pair ``(j, j + d'/2)`` of ``x [..., d']`` by the base angle of frequency ``pairs[j]`` (-1: none);
+    ``cos``/``sin`` ``[..., D]`` as the model computed them (transformers' layout repeats the D/2 angles)."""
+    out = x.clone()
+    h = x.shape[-1] // 2
+    for j, p in enumerate(pairs):
+        if p < 0:
+            continue
+        c, s = cos[..., p], sin[..., p]
+        out[..., j] = x[..., j] * c - x[..., j + h] * s
+        out[..., j + h] = x[..., j + h] * c + x[..., j] * s
+    return out
+
+
 def _expected_selection(q, sketch, lo, hi, sinks, window, budget):
     """Top-``budget`` candidates of one (row, KV head), in plain Python."""
     valid = list(range(lo, hi))
@@ -96,6 +110,13 @@ def test_attended_set_is_sinks_window_topb(name, query_heads, budget):
         layers[p].register_forward_hook(lambda m, a, o, p=p: hidden[p].append(o[:, -1].detach().clone()) if o.shape[1] == 1 else None)
         for p in cfg.producer_layers
     ]
+    # Independent of the runtime: the pre-RoPE keys straight from k_proj, and the angles the model itself
+    # computed (layer 0's position_embeddings), for the position-consistent sketch of format 2.
+    pre_keys, angles = defaultdict(list), []
+    hooks += [layers[l].self_attn.k_proj.register_forward_hook(lambda m, a, o, l=l: pre_keys[l].append(o.detach().double()))
+              for l in range(1, cfg.num_hidden_layers)]
+    hooks.append(layers[0].register_forward_pre_hook(
+        lambda m, a, kw: angles.append(tuple(t.detach().double() for t in kw["position_embeddings"])), with_kwargs=True))
     ids, mask = left_padded_batch(lengths=(40, 31))
     # A cache without sliding layers keeps every token, so Mistral's window must come from the mask alone.
     cache = DynamicCache()
@@ -109,14 +130,19 @@ def test_attended_set_is_sinks_window_topb(name, query_heads, budget):
     policy = model.butler.policy
     group = cfg.num_query_heads // cfg.num_key_value_heads
     checked = 0
+    pairs = cfg.rope_pairs
+    assert any(p >= 0 for p in pairs) and any(p < 0 for p in pairs)  # both kinds of pairs are exercised
+    cos, sin = (torch.cat([a[i] for a in angles], dim=1) for i in range(2))  # [B, T, D]
     for i, (layer, sel, start, end, pol) in enumerate(rec):
         step = i // (cfg.num_hidden_layers - 1)
         assert layer == 1 + i % (cfg.num_hidden_layers - 1)
         length = width + step + 1
         producer, slot = cfg.producer_of(layer)
         q = _independent_queries(predictor, producer, hidden[cfg.producer_layers[producer]][step])[:, slot]
-        keys = output_cache(out).layers[layer].keys[:, :, :length].double()
-        sketch = torch.einsum("bhtd,hde->bhte", keys, predictor.key_proj[layer - 1].double()) / math.sqrt(cfg.sketch_dim)
+        q = _rotate_pairs_by_hand(q, cos[:, length - 1, None], sin[:, length - 1, None], pairs)
+        keys = torch.cat(pre_keys[layer], dim=1)[:, :length].unflatten(-1, (cfg.num_key_value_heads, cfg.head_dim))
+        sketch = torch.einsum("bthd,hde->bhte", keys, predictor.key_proj[layer - 1].double())
+        sketch = _rotate_pairs_by_hand(sketch, cos[:, None, :length], sin[:, None, :length], pairs) / math.sqrt(cfg.sketch_dim)
         for b in range(ids.shape[0]):
             lo = int(pads[b]) if window_limit is None else max(int(pads[b]), length - window_limit)
             assert (int(start[b]), int(end[b])) == (lo, length)

@@ -24,14 +24,17 @@ def test_producer_step_reloads_and_matches_eager(tmp_path, query_heads, producer
     module = program.module()
     c = predictor.config
     gen = torch.Generator().manual_seed(0)
+    assert meta["inputs"]["cos"] == meta["inputs"]["sin"] == f"[B, {c.head_dim // 2}]"  # format 2: the token's angles
     for batch in (1, 2, 5):  # the batch dimension is dynamic
+        angles = torch.rand(batch, c.head_dim // 2, generator=gen) * 100
+        rope = (angles.cos(), angles.sin())
         if producer is None:
             hidden = torch.randn(c.num_producers, batch, c.hidden_size, generator=gen)
-            got = module(hidden)
-            want = [predictor.producer_queries(k, hidden[k]) for k in range(c.num_producers)]
+            got = module(hidden, *rope)
+            want = [predictor.position_queries(predictor.producer_queries(k, hidden[k]), rope) for k in range(c.num_producers)]
         else:
             hidden = torch.randn(batch, c.hidden_size, generator=gen)
-            got, want = [module(hidden)], [predictor.producer_queries(producer, hidden)]
+            got, want = [module(hidden, *rope)], [predictor.position_queries(predictor.producer_queries(producer, hidden), rope)]
         assert len(got) == len(want)
         for g, w in zip(got, want):
             assert g.shape == w.shape == (batch, w.shape[1], c.num_query_heads, c.sketch_dim)
@@ -62,10 +65,15 @@ def test_exported_queries_score_like_the_runtime(tmp_path):
     c = predictor.config
     hidden = torch.randn(2, c.hidden_size)
     keys = torch.randn(2, c.num_key_value_heads, 33, c.head_dim)
+    # the base's angles of positions 0..32; the decoded token is the last
+    angles = torch.arange(33.0)[:, None] * 10000.0 ** (-torch.arange(0, c.head_dim, 2) / c.head_dim)
+    key_rope = (angles.cos()[None], angles.sin()[None])
+    query_rope = (angles[-1:].cos().expand(2, -1), angles[-1:].sin().expand(2, -1))
+    queries = predictor.position_queries(predictor.producer_queries(0, hidden), query_rope)
     for layer in c.served_layers(0):
-        sketch = predictor.project_keys(layer, keys)
-        want = score_tokens(predictor.layer_queries(layer, predictor.producer_queries(0, hidden)), sketch, c.num_key_value_heads)
-        got = score(produce(hidden)[:, c.producer_of(layer)[1]], sketch)
+        sketch = predictor.project_keys(layer, keys, key_rope)
+        want = score_tokens(predictor.layer_queries(layer, queries), sketch, c.num_key_value_heads)
+        got = score(produce(hidden, *query_rope)[:, c.producer_of(layer)[1]], sketch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -109,6 +117,9 @@ def test_aot_inductor_compiles_the_exported_producer_step(tmp_path):
     package = torch._inductor.aoti_compile_and_package(load_exported(path)[0], package_path=str(tmp_path / "predictor-aoti.pt2"))
     compiled = torch._inductor.aoti_load_package(package)
     hidden = torch.randn(predictor.config.num_producers, 3, predictor.config.hidden_size)
+    angles = torch.rand(3, predictor.config.head_dim // 2) * 100
+    rope = (angles.cos(), angles.sin())
     with torch.no_grad():
-        for k, got in enumerate(compiled(hidden)):
-            torch.testing.assert_close(got, predictor.producer_queries(k, hidden[k]), rtol=1e-5, atol=1e-5)
+        for k, got in enumerate(compiled(hidden, *rope)):
+            want = predictor.position_queries(predictor.producer_queries(k, hidden[k]), rope)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

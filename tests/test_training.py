@@ -21,6 +21,7 @@ from butler_training.teacher import (
     distill_loss,
     rows_allowed,
     sample_rows,
+    row_rope,
     student_logits,
     teacher_probs,
 )
@@ -125,8 +126,15 @@ def _hand_capture(L=12, rows=(4, 7, 11), hq=4, hkv=2, d=8, e=16, seed=0) -> tupl
         cap.allowed[layer] = None
         cap.scaling[layer] = 1 / math.sqrt(d)
     cap.hidden[0] = torch.randn(1, len(rows), e, generator=g)
+    angles = torch.arange(L, dtype=torch.float32)[:, None] * 10000.0 ** (-torch.arange(0, d, 2) / d)
+    angles = torch.cat([angles, angles], -1)[None]  # transformers' layout: [1, L, D]
+    cap.rope = (angles.cos(), angles.sin())
     torch.manual_seed(seed)
     return cap, ButlerPredictor(cfg)
+
+
+def _row_queries(pred, cap):
+    return pred.position_queries(pred.producer_queries(0, cap.hidden[0]), row_rope(cap))
 
 
 def test_loss_is_causal():
@@ -142,7 +150,7 @@ def test_loss_is_causal():
         assert p[..., r, row + 1 :].sum() == 0 and torch.allclose(p[..., r, :].sum(-1), torch.ones(()))
     # the gradient reaches no key after its row either
     k = cap.k[1].clone().requires_grad_(True)
-    s = student_logits(pred, 1, pred.producer_queries(0, cap.hidden[0]), k)
+    s = student_logits(pred, 1, _row_queries(pred, cap), k, cap.rope)
     allowed = rows_allowed(cap, 1, 1)
     logq = torch.log_softmax(s.masked_fill(~allowed, float("-inf")), -1)
     (-(p * logq.masked_fill(~allowed, 0)).sum()).backward()
@@ -154,7 +162,7 @@ def test_loss_uses_group_mean_teacher():
     rows, heads and layers; KL = loss - H(teacher) is 0 when the student equals the teacher."""
     cap, pred = _hand_capture()
     loss, kl = distill_loss(pred, cap)
-    outs = pred.producer_queries(0, cap.hidden[0])
+    outs = _row_queries(pred, cap)
     manual, ent = [], []
     for layer in (1, 2):
         q, k = cap.q[layer], cap.k[layer]
@@ -162,7 +170,7 @@ def test_loss_uses_group_mean_teacher():
         logits = torch.einsum("bhrd,bhld->bhrl", q, k.repeat_interleave(2, dim=1)) * cap.scaling[layer]
         probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)  # per query head
         teacher = probs.view(1, 2, 2, 3, 12).mean(2)  # heads 0,1 -> KV 0; 2,3 -> KV 1
-        s = student_logits(pred, layer, outs, k)
+        s = student_logits(pred, layer, outs, k, cap.rope)
         logq = torch.log_softmax(s.masked_fill(~mask, float("-inf")), -1).masked_fill(~mask, 0)
         manual.append(-(teacher * logq).sum(-1).mean())
         ent.append(-(torch.xlogy(teacher, teacher)).sum(-1).mean())
@@ -219,6 +227,32 @@ def test_training_loss_falls_and_artifacts_load(tmp_path, kind, window):
     ids = motif_windows(1, 40, seed=3)
     gen = auto.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     assert gen.shape == (1, 46)
+
+
+def test_mixed_window_lengths_cycle_over_the_same_tokens(tmp_path):
+    """--seq-lens 24 48 96: step s cuts its windows of 96 into length seq_lens[s % 3]; tokens per step stay."""
+    model = tiny_model("llama")
+    seen = []
+    from butler_training import teacher
+
+    real = teacher.TeacherCapture.run
+
+    def spy(self, ids, rows, autocast_dtype=None):
+        seen.append((ids.shape, int(rows[-1])))
+        return real(self, ids, rows, autocast_dtype)
+
+    teacher.TeacherCapture.run = spy
+    try:
+        log, _ = _run(tmp_path, model, "mixed", steps=6, seq_lens=[24, 48, 96])
+    finally:
+        teacher.TeacherCapture.run = real
+    seen = seen[1:-1]  # the validation before and after training runs on the full 96-token windows
+    train_shapes = [shape for shape, _ in seen]
+    assert train_shapes == [torch.Size([16, 24]), torch.Size([8, 48]), torch.Size([4, 96])] * 2
+    assert [last for _, last in seen] == [23, 47, 95] * 2  # rows sampled inside each window's own length
+    assert log["tokens_seen"] == 6 * 4 * 96
+    with pytest.raises(SystemExit, match="must divide"):
+        _run(tmp_path, model, "bad", steps=2, seq_lens=[40, 96])
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):

@@ -39,6 +39,8 @@ __all__ = [
     "budget_for_rows",
     "project_sketch",
     "write_sketch",
+    "unrotate_keys",
+    "rotate_pairs",
     "residual_layer_norm",
 ]
 
@@ -245,17 +247,58 @@ def dense_decode_attention(
     return out.reshape(b, hq, v.shape[-1]).to(q.dtype)
 
 
-def project_sketch(keys: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo the base model's rotary embedding: ``keys [..., D]`` post-RoPE, ``cos``/``sin`` ``[..., D/2]``
+    (broadcastable) the base's angles at the keys' positions -> the pre-RoPE keys.
+
+    The layout is Llama's and Mistral's "rotate half" (transformers, and SGLang's neox style): dimension
+    ``i < D/2`` pairs with ``i + D/2``. A position-consistent sketch (predictor format 2) starts from these
+    keys, so that a key's sketch does not depend on where in the context it sits."""
+    half = keys.shape[-1] // 2
+    k1, k2 = keys[..., :half], keys[..., half:]
+    return torch.cat([k1 * cos + k2 * sin, k2 * cos - k1 * sin], dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Rotate the ``d'/2`` pairs ``(j, j + d'/2)`` of ``x [..., d']`` by the base's rotary angle of frequency
+    ``pairs[j]`` (an index into the base's ``D/2`` frequencies; ``-1``: not rotated) at the positions whose
+    ``cos``/``sin`` ``[..., D/2]`` are given.
+
+    Applied to a key's sketch at the key's position and to a predicted query at the query's position, it
+    makes the score ``<q~, k~>`` depend on the two positions only through their distance, as the base's own
+    attention logits do: the predictor sees no absolute position."""
+    half = x.shape[-1] // 2
+    idx = pairs.clamp(min=0)
+    rotated = (pairs >= 0).to(x.dtype)
+    c = cos.index_select(-1, idx).to(x.dtype) * rotated + (1 - rotated)
+    s = sin.index_select(-1, idx).to(x.dtype) * rotated
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def project_sketch(keys: torch.Tensor, weight: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
     """Sketch of keys: ``keys [n, H_kv, D]`` (post-RoPE), ``weight [H_kv, D, d']`` (a layer's
     ``ButlerPredictor.key_proj``) -> ``[n, H_kv, d']`` in ``keys``' dtype, computed in ``weight``'s
-    dtype (``ButlerPredictor.project_keys`` in the token-major layout of a KV pool)."""
-    return torch.einsum("nhd,hde->nhe", keys.to(weight.dtype), weight).to(keys.dtype)
+    dtype (``ButlerPredictor.project_keys`` in the token-major layout of a KV pool).
+
+    ``rope = (cos, sin, pairs)`` (predictor format 2): ``cos``/``sin`` ``[n, D/2]`` the base's rotary angles
+    at the keys' positions, ``pairs [d'/2]`` the predictor's ``rope_pairs``: the keys are un-rotated before
+    the projection and the sketch rotated after it (:func:`unrotate_keys`, :func:`rotate_pairs`)."""
+    k = keys.to(weight.dtype)
+    if rope is not None:
+        cos, sin, pairs = rope
+        k = unrotate_keys(k, cos[:, None].to(weight.dtype), sin[:, None].to(weight.dtype))
+    out = torch.einsum("nhd,hde->nhe", k, weight)
+    if rope is not None:
+        out = rotate_pairs(out, cos[:, None].to(weight.dtype), sin[:, None].to(weight.dtype), pairs)
+    return out.to(keys.dtype)
 
 
-def write_sketch(pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weight: torch.Tensor) -> None:
+def write_sketch(pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weight: torch.Tensor,
+                 rope: tuple | None = None) -> None:
     """Store the sketch of ``keys [n, H_kv, D]`` into the paged sketch ``pool [slots, H_kv, d']`` at
-    slots ``loc [n]`` (in place, rounded to the pool's dtype)."""
-    pool[loc.long()] = project_sketch(keys, weight).to(pool.dtype)
+    slots ``loc [n]`` (in place, rounded to the pool's dtype); ``rope`` as in :func:`project_sketch`."""
+    pool[loc.long()] = project_sketch(keys, weight, rope).to(pool.dtype)
 
 
 def residual_layer_norm(

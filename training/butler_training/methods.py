@@ -1,8 +1,9 @@
 """TokenButler as a :class:`~butler_training.probe.SelectionMethod` of the decode-simulated evaluation.
 
 It selects exactly as decode does (:mod:`butler_zoo.sparse`): the producer queries come from forward
-hooks on decoder layers ``k*G`` (the residual stream output, as in the runtime), every cached key is
-sketched with ``ButlerPredictor.project_keys``, scores come from ``reference.score_tokens`` and the
+hooks on decoder layers ``k*G`` (the residual stream output, as in the runtime) and get their positions
+from the base's rotary angles (a forward pre-hook on layer 0 reads the ``position_embeddings`` the model
+passes its layers), every cached key is sketched with ``ButlerPredictor.project_keys``, scores come from ``reference.score_tokens`` and the
 selection from ``reference.select_topk`` with the query rows as batch entries (``start = 0``,
 ``end = i + 1``, ``budget_per_row``); a prediction interval ``> 1`` refreshes the selection every
 ``interval`` rows with ``reference.expand_neighbors`` and, in between, reuses it while the window
@@ -58,6 +59,7 @@ class TokenButlerSelection:
     neighbor_budget: str = "half"
     _hidden: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
     _queries: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _rope: tuple | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -82,6 +84,13 @@ class TokenButlerSelection:
                 self._queries.pop(k, None)
 
             handles.append(layers[layer_idx].register_forward_hook(hook))
+
+        def rope_hook(module, args, kwargs):
+            from butler_zoo.compat import find_rope
+
+            self._rope = find_rope(module, args, kwargs)
+
+        handles.append(layers[0].register_forward_pre_hook(rope_hook, with_kwargs=True))
         try:
             yield self
         finally:
@@ -89,12 +98,14 @@ class TokenButlerSelection:
                 h.remove()
             self._hidden.clear()
             self._queries.clear()
+            self._rope = None
 
     def _producer_out(self, producer: int) -> torch.Tensor:
         if producer not in self._hidden:
             raise RuntimeError("no producer hidden states: run the model inside `with method.hooks(model):`")
         if producer not in self._queries:
-            self._queries[producer] = self.predictor.producer_queries(producer, self._hidden[producer])
+            queries = self.predictor.producer_queries(producer, self._hidden[producer])
+            self._queries[producer] = self.predictor.position_queries(queries, self._rope)
         return self._queries[producer]
 
     @torch.no_grad()
@@ -109,7 +120,7 @@ class TokenButlerSelection:
         q_sel = self.predictor.layer_queries(layer, self._producer_out(producer))  # [B, L, H_sel, d']
         if q_sel.shape[:2] != (b, L):
             raise RuntimeError(f"producer states {tuple(q_sel.shape[:2])} do not match the probe ({b}, {L})")
-        sketch = self.predictor.project_keys(layer, probe.k)  # [B, H_kv, L, d']
+        sketch = self.predictor.project_keys(layer, probe.k, self._rope)  # [B, H_kv, L, d']
         n = L - P
         causal = causal_allowed(L, dev)
         if n == 0:

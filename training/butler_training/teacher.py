@@ -7,7 +7,10 @@ One teacher-forced forward of the frozen base captures, for a set of sampled que
   delegates to ``sdpa``: RoPE is the model's own, never re-implemented;
 * the attention mask of those rows as the model built it (causal, or sliding-window for Mistral);
 * the residual stream *output* of every producer layer ``k*G`` at those rows, from forward hooks on
-  the decoder layers: the same input the runtime's producer hooks read at decode.
+  the decoder layers: the same input the runtime's producer hooks read at decode;
+* the base's rotary angles ``(cos, sin)`` of every position, as the model passed them to its decoder
+  layers: a position-consistent predictor (format 2) un-rotates the keys and rotates sketch and queries
+  with them, exactly as at decode.
 
 Nothing of size ``[L, L]`` is ever built: the teacher of a layer is ``[B, H_kv, R, L]`` for ``R``
 sampled rows, the mean over each KV head's query heads of their masked causal softmax (a selection
@@ -74,6 +77,7 @@ class Captured:
     k: layer -> post-RoPE keys of every position, ``[B, H_kv, L, D]``.
     allowed: layer -> ``bool [B, R, L]`` from the model's mask, or ``None`` (plain causal).
     scaling: layer -> the attention's softmax scale.
+    rope: the base's ``(cos, sin)`` ``[B or 1, L, D]`` of every position.
     """
 
     rows: torch.Tensor
@@ -83,6 +87,7 @@ class Captured:
     k: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     allowed: dict[int, torch.Tensor | None] = dataclasses.field(default_factory=dict)
     scaling: dict[int, float] = dataclasses.field(default_factory=dict)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _mask_rows(attention_mask: torch.Tensor | None, rows: torch.Tensor, length: int) -> torch.Tensor | None:
@@ -130,6 +135,7 @@ class TeacherCapture:
         layers = self.family.decoder_layers(self.model)
         for layer_idx, k in self._producer_index.items():
             self._handles.append(layers[layer_idx].register_forward_hook(self._producer_hook(k)))
+        self._handles.append(layers[0].register_forward_pre_hook(self._rope_hook, with_kwargs=True))
         for layer in layers:
             self.family.attention(layer)._butler_capture = self
         self._old_impl = self.model.config._attn_implementation
@@ -152,6 +158,14 @@ class TeacherCapture:
                 cap.hidden[producer] = hidden.detach().index_select(1, cap.rows)
 
         return hook
+
+    def _rope_hook(self, module, args, kwargs):
+        from butler_zoo.compat import find_rope
+
+        cap = self._current
+        rope = find_rope(module, args, kwargs)
+        if cap is not None and rope is not None:
+            cap.rope = tuple(t.detach() for t in rope)
 
     def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> None:
         cap = self._current
@@ -177,6 +191,9 @@ class TeacherCapture:
                 decoder(input_ids=input_ids, use_cache=False)
         finally:
             self._current = None
+        if cap.rope is None:
+            raise RuntimeError("the capture got no rotary angles: the model's decoder layers were not called with "
+                               "position_embeddings")
         missing = sorted(self._wanted - set(cap.k))
         if missing or len(cap.hidden) != len(self._producer_index):
             raise RuntimeError(
@@ -216,19 +233,28 @@ def teacher_probs(q_rows: torch.Tensor, keys: torch.Tensor, scaling: float, allo
     return torch.softmax(logits, dim=-1).mean(dim=2)
 
 
-def student_logits(predictor: ButlerPredictor, layer: int, producer_out: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def student_logits(predictor: ButlerPredictor, layer: int, producer_out: torch.Tensor, keys: torch.Tensor,
+                   rope=None) -> torch.Tensor:
     """Predicted scores ``[B, H_kv, R, L]`` of layer ``layer`` for the rows in ``producer_out``
-    (the producer's output ``[B, R, n, H_sel, d']``) over every key, exactly as decode scores them."""
+    (the producer's output ``[B, R, n, H_sel, d']``, already given the rows' positions by
+    ``ButlerPredictor.position_queries``) over every key, exactly as decode scores them; ``rope`` the
+    base's ``(cos, sin)`` of every key position."""
     q_sel = predictor.layer_queries(layer, producer_out)  # [B, R, H_sel, d']
-    sketch = predictor.project_keys(layer, keys)  # [B, H_kv, L, d']
+    sketch = predictor.project_keys(layer, keys, rope)  # [B, H_kv, L, d']
     return score_tokens(q_sel, sketch, keys.shape[1]).transpose(1, 2)
+
+
+def row_rope(cap: Captured):
+    """The rotary angles ``[B or 1, R, D]`` of the sampled rows."""
+    return tuple(t.index_select(1, cap.rows) for t in cap.rope)
 
 
 def distill_loss(predictor: ButlerPredictor, cap: Captured) -> tuple[torch.Tensor, torch.Tensor]:
     """The v2 loss: ``mean_l CE(P_l, Q_l)`` over the sampled rows; returns ``(loss, kl)`` where ``kl``
     (no gradient) is the loss minus the teacher's entropy, 0 for a perfect student."""
     cfg = predictor.config
-    outs = {k: predictor.producer_queries(k, h) for k, h in cap.hidden.items()}
+    rows_rope = row_rope(cap)
+    outs = {k: predictor.position_queries(predictor.producer_queries(k, h), rows_rope) for k, h in cap.hidden.items()}
     ces, ents = [], []
     for layer in sorted(cap.k):
         producer, _ = cfg.producer_of(layer)
@@ -237,7 +263,7 @@ def distill_loss(predictor: ButlerPredictor, cap: Captured) -> tuple[torch.Tenso
         with torch.no_grad():
             p = teacher_probs(cap.q[layer], keys, cap.scaling[layer], allowed)
             ents.append(-(torch.xlogy(p, p)).sum(-1).mean())
-        s = student_logits(predictor, layer, outs[producer], keys)
+        s = student_logits(predictor, layer, outs[producer], keys, cap.rope)
         logq = torch.log_softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
         ces.append(-(p * logq.masked_fill(~allowed, 0.0)).sum(-1).mean())
     loss = torch.stack(ces).mean()

@@ -60,6 +60,7 @@ class TrainConfig:
     data: list[str] | None = None
     data_dir: str | None = None
     seq_len: int | None = None  # recipe, else 1024
+    seq_lens: list[int] | None = None  # recipe's, else [seq_len]: window lengths cycled step by step
     tokens: int | None = None  # recipe's train_tokens, else 1M
     batch_size: int = 8
     grad_accum: int = 1
@@ -193,6 +194,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
 
         recipe = get_recipe(cfg.recipe)
     seq_len = cfg.seq_len or (recipe.seq_len if recipe else 1024)
+    lengths = list(cfg.seq_lens or (recipe.seq_lens if recipe and recipe.seq_lens and not cfg.seq_len else None) or [])
     tokens = cfg.tokens or (recipe.train_tokens if recipe else 1_000_000)
     sources = list(cfg.data or (recipe.data if recipe else []))
 
@@ -224,6 +226,10 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
     elif not torch.is_tensor(train_windows):
         train_windows = torch.stack([train_windows[i] for i in range(len(train_windows))])
     seq_len = train_windows.shape[1]
+    lengths = lengths or [seq_len]
+    if any(n < 2 or seq_len % n for n in lengths) or max(lengths) != seq_len:
+        raise SystemExit(f"--seq-lens {lengths}: every length must divide the window length {seq_len}, the longest "
+                         "being equal to it")
     data_info.setdefault("train_windows", int(train_windows.shape[0]))
 
     bcfg = butler_config or make_butler_config(cfg, model, recipe)
@@ -330,9 +336,12 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
         t_loop = time.perf_counter()
         start_step = state["step"]
         while state["step"] < total_steps:
+            # Window lengths cycle step by step over the same token stream: a step at length n cuts its
+            # batch into seq_len / n windows, so every step sees as many tokens, at every context length.
+            length = lengths[state["step"] % len(lengths)]
             for _ in range(cfg.grad_accum):
-                ids = next_batch()
-                rows = sample_rows(seq_len, cfg.rows, cfg.tail_fraction, row_gen)
+                ids = next_batch().reshape(-1, length)
+                rows = sample_rows(length, cfg.rows, cfg.tail_fraction, row_gen)
                 loss, kl = distill_loss(predictor, capture.run(ids, rows, autocast_dtype))
                 (loss / cfg.grad_accum).backward()
                 acc_loss += loss.detach()
@@ -401,6 +410,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
         "steps": int(state["step"]),
         "windows_per_step": cfg.batch_size * cfg.grad_accum,
         "seq_len": seq_len,
+        "seq_lens": lengths,
         "loss": f"v2: CE(group-mean causal teacher, student) on {cfg.rows} rows sampled from the last "
                 f"{cfg.tail_fraction:.0%} of each window",
         "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, cosine, warmup {cfg.warmup_fraction:.0%}, clip {cfg.max_grad_norm}",
@@ -428,7 +438,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
     print(
         "== training done ==\n"
         f"out:          {out}\n"
-        f"steps:        {state['step']} x {per_step} tokens ({cfg.batch_size} x {cfg.grad_accum} windows of {seq_len})\n"
+        f"steps:        {state['step']} x {per_step} tokens ({cfg.batch_size} x {cfg.grad_accum} windows of {seq_len}, "
+        f"cut into lengths {lengths} in turn)\n"
         f"tokens seen:  {state['tokens']:,}\n"
         f"train time:   {state['train_time']:.1f} s ({tps_all:,.0f} tokens/s); wall {log['wall_time_s']:.1f} s\n"
         f"final loss:   CE {final.get('loss')}  KL {final.get('kl')}\n"
@@ -454,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
     g = p.add_argument_group("schedule")
     g.add_argument("--seq-len", type=int, help="window length (default: recipe)")
+    g.add_argument("--seq-lens", type=int, nargs="+",
+                   help="window lengths cycled step by step, each dividing --seq-len (default: the recipe's with its "
+                        "seq_len, else --seq-len alone)")
     g.add_argument("--tokens", type=int, help="tokens to train on (default: recipe); steps = tokens / (batch * accum * seq_len)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="forwards per optimizer step")

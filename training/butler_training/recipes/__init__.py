@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from butler_zoo.config import default_rope_pairs
+
 __all__ = ["Recipe", "register_recipe", "get_recipe", "all_recipes"]
 
 
@@ -34,6 +36,7 @@ class Recipe:
     mlp_dim: int = 512
     query_heads: str = "kv"
     seq_len: int = 1024
+    seq_lens: tuple[int, ...] | None = None  # window lengths cycled step by step (each divides seq_len)
     train_tokens: int = 80_000_000
     data: tuple[str, ...] = ("c4-realnewslike", "fineweb-edu", "codeparrot-clean")
     policy: dict = field(default_factory=lambda: {"sinks": 4, "window": 64, "budget": 0.25, "prediction_interval": 1})
@@ -67,6 +70,7 @@ class Recipe:
             query_heads=self.query_heads,
             policy=dict(self.policy),
             base_model_source=self.base_model_source,
+            rope_pairs=default_rope_pairs(self.head_dim, self.sketch_dim, self.rope_theta),
         )
 
 
