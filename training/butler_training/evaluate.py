@@ -47,16 +47,19 @@ from butler_training.probe import (
     attended_fraction,
     causal_allowed,
     check_allowed,
+    distance_buckets,
     expand_heads,
     mass_recall,
+    mass_recall_by_distance,
+    mass_recall_rows,
     masked_attention,
     topk_overlap,
 )
 
-__all__ = ["EvalConfig", "DecodeSimulator", "evaluate", "main", "make_plan", "build_method", "DEFAULT_DATA"]
+__all__ = ["EvalConfig", "DecodeSimulator", "evaluate", "load_for_eval", "main", "make_plan", "build_method", "DEFAULT_DATA"]
 
 EVAL_IMPLEMENTATION = "butler_eval"
-DEFAULT_DATA = ("kjv:heldout", "shakespeare:heldout", "fortunes:heldout")
+DEFAULT_DATA = ("kjv:heldout", "shakespeare:heldout", "fortunes:heldout", "pydocs:heldout")
 ALL_METHODS = ("tokenbutler", "oracle", "h2o", "snapkv", "quest", "streaming_llm", "random")
 
 
@@ -85,10 +88,25 @@ def register_eval_attention() -> None:
         ALL_MASK_ATTENTION_FUNCTIONS.register(EVAL_IMPLEMENTATION, sdpa_mask)
 
 
+# Where recall is broken down: key distance to the query (tokens; the first bucket is the window of the
+# default protocol) and query position in the context.
+DISTANCE_EDGES = (0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+POSITION_EDGES = (0, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192, 16384)
+
+
 class _Meter:
-    def __init__(self):
+    """Running means of the selection metrics; with ``diagnostics`` also recall by query position, by
+    layer and by key distance (where the predictor loses mass, docs/training.md)."""
+
+    def __init__(self, diagnostics: bool = False):
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
+        self.diagnostics = diagnostics
+        self.rows: torch.Tensor | None = None  # per decode row, summed over batches
+        self.row_weight = 0.0
+        self.layers: dict[int, list[float]] = {}
+        self.dist: list[torch.Tensor] | None = None
+        self._buckets: tuple | None = None
 
     def add(self, name: str, value: float, weight: float) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + value * weight
@@ -97,6 +115,44 @@ class _Meter:
     def mean(self, name: str) -> float | None:
         w = self.weights.get(name)
         return self.sums[name] / w if w else None
+
+    def add_diagnostics(self, layer: int, allowed: torch.Tensor, probe: AttentionProbe, plan: DecodePlan, weight: float) -> None:
+        rows = mass_recall_rows(allowed, probe, plan).double().cpu()
+        self.rows = rows * weight if self.rows is None else self.rows + rows * weight
+        self.row_weight += weight
+        acc = self.layers.setdefault(layer, [0.0, 0.0])
+        acc[0] += float(rows.mean()) * weight
+        acc[1] += weight
+        key = (plan.length, plan.prefill_len, probe.k.device)
+        if self._buckets is None or self._buckets[0] != key:
+            self._buckets = (key, distance_buckets(plan, DISTANCE_EDGES, probe.k.device))
+        kept, total = mass_recall_by_distance(allowed, probe, plan, self._buckets[1], len(DISTANCE_EDGES))
+        if self.dist is None:
+            self.dist = [kept.cpu(), total.cpu()]
+        else:
+            self.dist[0] += kept.cpu()
+            self.dist[1] += total.cpu()
+
+    def diagnostics_summary(self, prefill: int) -> dict | None:
+        if not self.diagnostics or self.rows is None:
+            return None
+        rows = self.rows / self.row_weight
+        n = rows.numel()
+        by_pos = []
+        for lo, hi in zip(POSITION_EDGES, POSITION_EDGES[1:]):
+            a, b = max(lo, prefill) - prefill, min(hi, prefill + n) - prefill
+            if a < b:
+                by_pos.append({"from": max(lo, prefill), "to": min(hi, prefill + n), "recall": round(float(rows[a:b].mean()), 5)})
+        kept, total = self.dist
+        edges = list(DISTANCE_EDGES) + [None]
+        by_dist = [{"from": edges[i], "to": edges[i + 1], "recall": round(float(kept[i] / total[i]), 5),
+                    "mass_share": round(float(total[i] / total.sum()), 5)}
+                   for i in range(len(DISTANCE_EDGES)) if total[i] > 0]
+        return {
+            "recall_by_position": by_pos,
+            "recall_by_layer": {str(k): round(v[0] / v[1], 5) for k, v in sorted(self.layers.items())},
+            "recall_by_distance": by_dist,
+        }
 
 
 class DecodeSimulator:
@@ -148,6 +204,8 @@ class DecodeSimulator:
                 self.meter.add("mass_recall", mass_recall(allowed, probe, self.plan), b)
                 oracle = allowed if isinstance(self.method, Oracle) else Oracle().allowed(probe, self.plan)
                 self.meter.add("topk_overlap", topk_overlap(allowed, oracle, self.plan), b)
+                if self.meter.diagnostics:
+                    self.meter.add_diagnostics(layer, allowed, probe, self.plan, b)
         full = expand_heads(allowed, hq).expand(b, hq, L, L).contiguous()
         out = masked_attention(q, k, v, full, scaling)
         return out.transpose(1, 2).contiguous()
@@ -201,10 +259,11 @@ def build_method(name: str, interval: int | None = None, predictor=None, **optio
 
 @torch.no_grad()
 def windows_ppl(sim: DecodeSimulator, windows: torch.Tensor, method, plan_fn, prefill: int, batch_size: int,
-                device, metrics: bool = True) -> dict:
-    """Perplexity over rows ``>= prefill`` (each predicts the next token) plus the selection metrics."""
+                device, metrics: bool = True, diagnostics: bool = False) -> dict:
+    """Perplexity over rows ``>= prefill`` (each predicts the next token) plus the selection metrics
+    (and, with ``diagnostics``, recall by position, layer and distance)."""
     nll, count = 0.0, 0
-    meter = _Meter() if metrics and method is not None else None
+    meter = _Meter(diagnostics) if metrics and method is not None else None
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i : i + batch_size].to(device)
         L = ids.shape[1]
@@ -217,6 +276,7 @@ def windows_ppl(sim: DecodeSimulator, windows: torch.Tensor, method, plan_fn, pr
     out = {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}
     if meter is not None:
         out.update({k: meter.mean(k) for k in ("attended_fraction", "mass_recall", "topk_overlap")})
+        out["diagnostics"] = meter.diagnostics_summary(prefill)
     return out
 
 
@@ -279,6 +339,7 @@ class EvalConfig:
     token_budgets: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])
     neighbor_budget: str = "half"
     metrics: bool = True
+    diagnostics: bool = False
     coref_samples: int = 100
     coref_tokens: int = 320
     coref_prefill: int = 32
@@ -300,17 +361,14 @@ def _key(r: dict) -> tuple:
     return (r["method"], r.get("interval"), r["budget_kind"], float(r["budget"]))
 
 
-def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, predictor=None, windows: torch.Tensor | None = None) -> dict:
-    """Run the evaluation; returns the ``eval.json`` dict (also written to ``cfg.out``)."""
+def load_for_eval(cfg, *, model=None, tokenizer=None, predictor=None):
+    """``(model, tokenizer, predictor, base description)`` for an evaluation: what is given, else the
+    predictor of ``cfg.predictor`` (default: the shipped one) and the base it pins (or ``cfg.base_model``),
+    on ``cfg.device`` in ``cfg.dtype``."""
     from butler_zoo.predictor import ButlerPredictor
 
-    t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
-    if cfg.plot:
-        from butler_training.plots import require_matplotlib
-
-        require_matplotlib()
     if predictor is None:
         if cfg.predictor is None:
             from butler_zoo.zoo import default_predictor
@@ -341,6 +399,21 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, predictor=None, win
     from butler_zoo.attach import check_compatible
 
     check_compatible(pcfg, model.config, allow_other_base=True)
+    return model, tokenizer, predictor, base_desc
+
+
+def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, predictor=None, windows: torch.Tensor | None = None,
+             base_desc: str | None = None) -> dict:
+    """Run the evaluation; returns the ``eval.json`` dict (also written to ``cfg.out``)."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if cfg.plot:
+        from butler_training.plots import require_matplotlib
+
+        require_matplotlib()
+    model, tokenizer, predictor, loaded_desc = load_for_eval(cfg, model=model, tokenizer=tokenizer, predictor=predictor)
+    base_desc = base_desc or loaded_desc
+    pcfg = predictor.config
 
     data_info: dict = {}
     sources = list(cfg.data or DEFAULT_DATA)
@@ -444,7 +517,8 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, predictor=None, win
             opts = {"neighbor_budget": cfg.neighbor_budget} if m == "tokenbutler" else {}
             method = build_method(m, iv, predictor, **opts)
             plan_fn = plan_fn_for(budget, kind)
-            r = windows_ppl(sim, windows, method, plan_fn, P, cfg.batch_size, device, metrics=cfg.metrics)
+            r = windows_ppl(sim, windows, method, plan_fn, P, cfg.batch_size, device, metrics=cfg.metrics,
+                            diagnostics=cfg.diagnostics and kind == "fraction")
             entry = {
                 "method": m, "interval": iv, "budget": budget, "budget_kind": kind,
                 "attended_fraction": 1.0 if m == "dense" else r.get("attended_fraction"),
@@ -453,6 +527,8 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, predictor=None, win
                 "topk_overlap": None if m == "dense" else r.get("topk_overlap"),
                 "coref_acc": None, "gen_agreement": None,
             }
+            if r.get("diagnostics"):
+                entry["diagnostics"] = r["diagnostics"]
             do_tasks = m == "dense" or (kind == "fraction" and float(budget) in coref_set)
             if coref_batches and do_tasks:
                 entry["coref_acc"] = coref_accuracy(sim, coref_batches, method, plan_fn, cfg.coref_prefill, device)
@@ -531,7 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="butler-zoo eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="To print an existing eval.json as a methods x budgets markdown table: "
-                                       "python -m butler_training.evaluate --table EVAL_JSON [--metric ppl_rel] [--methods ...]")
+                                       "python -m butler_training.evaluate --table EVAL_JSON [--metric ppl_rel] [--methods ...]. "
+                                       "Quality by context length: --seq-lens 1024 2048 4096 8192 --out DIR "
+                                       "(python -m butler_training.by_length -h for its options)")
     p.add_argument("--predictor", help="predictor folder or Hub id (default: the SmolLM2 predictor shipped with butler-zoo)")
     p.add_argument("--out", help="output folder for eval.json and eval_ppl.png (default: the predictor folder)")
     p.add_argument("--base-model", help="override the base (folder or Hub id)")
@@ -551,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbor-budget", choices=["half", "full"], default=d.neighbor_budget,
                    help="interval > 1: select half the budget and fetch neighbors up to it (equal reads), or the runtime's full")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", help="skip mass recall / top-k overlap")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also record recall by query position, by layer and by key distance (fractional budgets)")
     p.add_argument("--coref-samples", type=int, default=d.coref_samples, help="0 skips the co-reference task")
     p.add_argument("--coref-tokens", type=int, default=d.coref_tokens)
     p.add_argument("--coref-prefill", type=int, default=d.coref_prefill)
@@ -572,6 +652,10 @@ def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--table"]:
         return table_main(argv[1:])
+    if "--seq-lens" in argv:
+        from butler_training.by_length import main as by_length_main
+
+        return by_length_main(argv, prog_command)
     args = build_parser().parse_args(argv)
     cfg = config_from_args(EvalConfig, args, prog_command or ("python -m butler_training.evaluate " + " ".join(argv)))
     evaluate(cfg)

@@ -36,6 +36,8 @@ __all__ = [
     "expand_heads",
     "fixed_positions",
     "mass_recall",
+    "mass_recall_rows",
+    "mass_recall_by_distance",
     "masked_attention",
     "select_top",
     "topk_overlap",
@@ -287,6 +289,53 @@ def mass_recall(allowed: torch.Tensor, probe: AttentionProbe, plan: DecodePlan) 
     rows = _decode_rows(allowed, plan)
     kept = (p[..., plan.prefill_len :, :] * rows).sum(-1)
     return float(kept.mean())
+
+
+def _kept_and_teacher(allowed: torch.Tensor, probe: AttentionProbe, plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    h = allowed.shape[1] if allowed.dim() == 4 else 1
+    if h == probe.num_heads:
+        p = probe.probs()
+    elif h in (1, probe.num_kv_heads):
+        p = probe.group_probs()
+    else:
+        raise ValueError(f"allowed has {h} heads; the probe has {probe.num_heads} query / {probe.num_kv_heads} KV heads")
+    p = p[..., plan.prefill_len :, :]
+    return p * _decode_rows(allowed, plan), p
+
+
+def mass_recall_rows(allowed: torch.Tensor, probe: AttentionProbe, plan: DecodePlan) -> torch.Tensor:
+    """:func:`mass_recall` of each decode row ``P .. L-1`` (mean over batch and heads): ``float [L - P]``,
+    for recall by position in the context."""
+    _check_plan(probe, plan)
+    kept, _ = _kept_and_teacher(allowed, probe, plan)
+    return kept.sum(-1).float().mean(dim=tuple(range(kept.dim() - 2)))
+
+
+def distance_buckets(plan: DecodePlan, edges: tuple[int, ...], device=None) -> torch.Tensor:
+    """``int8 [L - P, L]``: the bucket of ``distance = i - j`` of each decode row ``i`` and key ``j``
+    (``edges`` ascending, bucket ``b`` is ``[edges[b], edges[b+1])``, the last open); ``-1`` for future
+    keys. Distance 0 is the current token."""
+    L, P = plan.length, plan.prefill_len
+    dist = torch.arange(P, L, device=device)[:, None] - torch.arange(L, device=device)[None, :]
+    out = torch.bucketize(dist, torch.tensor(edges[1:], device=device), right=True).to(torch.int8)
+    return out.masked_fill(dist < 0, -1)
+
+
+def mass_recall_by_distance(allowed: torch.Tensor, probe: AttentionProbe, plan: DecodePlan,
+                            buckets: torch.Tensor, n_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, total)``, each ``float64 [n_buckets]``: the attention mass a selection keeps and the mass
+    there is, summed over decode rows, heads and batch, by the key's distance to the query
+    (``buckets`` from :func:`distance_buckets`). ``kept / total`` is the recall at each distance."""
+    _check_plan(probe, plan)
+    kept, p = _kept_and_teacher(allowed, probe, plan)
+    k_sum, p_sum = kept.sum(dim=tuple(range(kept.dim() - 2))), p.sum(dim=tuple(range(p.dim() - 2)))
+    out_k = torch.zeros(n_buckets, dtype=torch.float64, device=kept.device)
+    out_p = torch.zeros_like(out_k)
+    for b in range(n_buckets):
+        m = buckets == b
+        out_k[b] = k_sum[m].double().sum()
+        out_p[b] = p_sum[m].double().sum()
+    return out_k, out_p
 
 
 def topk_overlap(allowed: torch.Tensor, oracle_allowed: torch.Tensor, plan: DecodePlan) -> float:

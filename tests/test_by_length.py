@@ -1,0 +1,138 @@
+"""Quality by context length (`butler-zoo eval --seq-lens`): the long-context path runs end to end on a tiny
+model past the length its predictor was trained on, and the pass-key task scores hand-made cases right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from butler_training.by_length import LengthEvalConfig, _needle_accuracy, evaluate_by_length, format_length_table
+from butler_training.needle import NEEDLE, QUESTION, make_needle_samples, needle_batches
+from butler_training.train import TrainConfig, train
+from conftest import char_tokenizer
+from tiny_models import tiny_model
+
+TEXT = ("the lighthouse keeper rowed out at dawn and counted the gulls on the rocks. "
+        "a storm came over the hills, and the village closed its shutters. ")
+
+
+def _texts(folder: Path, n: int = 6) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"doc{i}.txt").write_text((TEXT + f"chapter {i} ends here. ") * 12)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny predictor trained on 48-token windows only (format 2)."""
+    tmp = tmp_path_factory.mktemp("bylen")
+    model = tiny_model("llama-gqa", layers=4)
+    tok = char_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(3, 98, (24, 48), generator=g)
+    cfg = TrainConfig(out=str(tmp / "pred"), tokens=8 * 4 * 48, batch_size=4, rows=16, lr=5e-3, device="cpu",
+                      progress=False, plot=False, log_every=4, producer_stride=2, sketch_dim=8, mlp_dim=32)
+    train(cfg, model=model, train_windows=windows, val_windows=windows[:2])
+    from butler_zoo import ButlerPredictor
+
+    return model, tok, ButlerPredictor.from_pretrained(tmp / "pred"), tmp
+
+
+def test_long_context_path_runs_past_the_training_length(trained, tmp_path):
+    model, tok, predictor, tmp = trained
+    assert predictor.config.format_version == 2 and predictor.config.training["seq_len"] == 48
+    data = _texts(tmp_path / "texts")
+    cfg = LengthEvalConfig(
+        out=str(tmp_path / "out"), data=[str(data)], seq_lens=[64, 160], windows=2, prefill=16, sinks=2, window=8,
+        methods=["tokenbutler", "oracle", "streaming_llm"], fractions=[0.25, 0.5], needle_lengths=[160, 224],
+        needle_depths=[0.2, 0.8], needle_per_depth=1, coref_tokens=128, coref_samples=2, coref_prefill=16,
+        task_methods=["dense", "oracle", "tokenbutler"], task_fractions=[0.25], device="cpu", plot=True,
+    )
+    result = evaluate_by_length(cfg, model=model, tokenizer=tok, predictor=predictor)
+    saved = json.loads((tmp_path / "out" / "eval_by_length.json").read_text())
+    assert saved["by_length"].keys() == {"64", "160"} and saved["predictor_format"] == 2
+    for L, block in saved["by_length"].items():
+        methods = {(r["method"], r["budget"]) for r in block["results"]}
+        assert methods >= {("tokenbutler", 0.25), ("oracle", 0.5), ("streaming_llm", 0.25), ("dense", 1.0)}
+        tb = next(r for r in block["results"] if r["method"] == "tokenbutler" and r["budget"] == 0.25)
+        diag = tb["diagnostics"]
+        assert diag["recall_by_position"][0]["from"] == 16 and diag["recall_by_position"][-1]["to"] == int(L)
+        assert set(diag["recall_by_layer"]) == {"1", "2", "3"}
+        first = diag["recall_by_distance"][0]
+        assert (first["from"], first["to"]) == (0, 8) and all(0 <= d["recall"] <= 1 for d in diag["recall_by_distance"])
+        # where the budget covers sinks + window (rows past 40 at 25%), the window's distances are all read
+        assert first["recall"] > max(d["recall"] for d in diag["recall_by_distance"][1:])
+        assert abs(sum(d["mass_share"] for d in diag["recall_by_distance"]) - 1.0) < 1e-4  # rounded to 5 digits
+        oracle = next(r for r in block["results"] if r["method"] == "oracle" and r["budget"] == 0.25)
+        assert oracle["mass_recall"] >= tb["mass_recall"] - 1e-9  # the oracle keeps the most mass, by definition
+        assert (tmp_path / "out" / f"len-{L}" / "eval.json").is_file()
+    needle = {(r["method"], r["budget"]): r for r in saved["needle"]["results"]}
+    assert needle[("dense", 1.0)]["samples"] == 4 and set(needle[("oracle", 0.25)]["by_cell"]) == {
+        "160@0.2", "160@0.8", "224@0.2", "224@0.8"}
+    assert {r["method"] for r in saved["coref"]["results"]} == {"dense", "oracle", "tokenbutler"}
+    assert (tmp_path / "out" / "eval_by_length.png").is_file() and (tmp_path / "out" / "recall_by_position.png").is_file()
+    table = format_length_table(result)
+    assert "| 160 | 25% |" in table and table.count("\n") == 1 + 2 * 2
+
+
+def test_needle_samples_are_exact():
+    tok = char_tokenizer()
+    hay = tok(TEXT * 20, add_special_tokens=False)["input_ids"]
+    samples = make_needle_samples(tok, hay, 300, [0.0, 0.5, 1.0], per_depth=2, seed=1)
+    assert len(samples) == 6 and all(len(s.ids) == 300 for s in samples)
+    for s in samples:
+        text = tok.decode(s.ids)
+        s0, e0 = s.answer
+        assert tok.decode(s.ids[s0:e0]).replace(" ", "") == s.key and len(s.key) == 5
+        assert text.endswith(QUESTION + " " + s.key + ".")
+        needle = NEEDLE.format(key=s.key)
+        at = text.index(needle)
+        fill = 300 - len(tok(needle + QUESTION + " " + s.key + ".", add_special_tokens=False)["input_ids"])
+        assert at == round(s.depth * fill)  # one character per token: the needle sits at its depth
+    assert len({s.key for s in samples}) == 6
+
+
+class _FixedLogits:
+    """Test double of DecodeSimulator: 'hidden states' are one-hot rows of the tokens it is told to predict,
+    and the logits are those rows, so the scorer's argmax sees exactly the planned predictions."""
+
+    def __init__(self, predictions: dict[int, torch.Tensor], vocab: int):
+        self.predictions, self.vocab = predictions, vocab
+
+    def forward(self, ids, method, plan):
+        out = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
+        for b in range(ids.shape[0]):
+            nxt = self.predictions[int(ids[b, 0])]
+            out[b, torch.arange(ids.shape[1]), nxt] = 1.0
+        return out
+
+    def logits(self, hidden):
+        return hidden
+
+
+def test_needle_scoring_on_hand_made_cases():
+    """Three samples: every answer token right (correct), one digit wrong (wrong), right only after the
+    answer's first token (wrong). Accuracy 1/3, and by cell."""
+    V = 20
+    base = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    samples = []
+    for first in (1, 2, 13):
+        ids = torch.tensor([first] + base[1:])
+        samples.append(ids)
+    ids = torch.stack(samples)
+    spans = [(6, 9)] * 3
+    right = torch.cat([ids[0, 1:], torch.tensor([0])])  # row i predicts token i+1
+    one_wrong = right.clone()
+    one_wrong[7] = 19  # predicts the answer's 2nd token wrong
+    first_wrong = right.clone()
+    first_wrong[5] = 19  # the row before the answer predicts its 1st token wrong
+    sim = _FixedLogits({1: right, 2: one_wrong, 13: first_wrong}, V)
+    r = _needle_accuracy(sim, [(ids, spans, 6, ["a", "b", "b"])], None, lambda L, P: None, "cpu")
+    assert r["accuracy"] == pytest.approx(1 / 3) and r["samples"] == 3
+    assert r["by_cell"] == {"a": 1.0, "b": 0.0}
+    batches = needle_batches(make_needle_samples(char_tokenizer(), list(range(3, 90)) * 10, 120, [0.5], 3), 2)
+    assert [b[0].shape for b in batches] == [torch.Size([2, 120]), torch.Size([1, 120])]

@@ -1,0 +1,278 @@
+"""Quality by context length: the decode-simulated evaluation at several window lengths, with recall
+broken down by query position, layer and key distance, plus pass-key retrieval and co-reference at length.
+
+    butler-zoo eval --seq-lens 1024 2048 4096 8192 --out DIR [--predictor P] [--windows 8]
+    python -m butler_training.by_length --seq-lens 1024 2048 4096 8192 --out DIR      # same options
+
+For each length ``L`` it runs :func:`butler_training.evaluate.evaluate` on ``--windows`` held-out windows of
+``L`` tokens (evenly spaced; prefill ``--prefill``; sinks/window as given; every method at every
+fractional budget, budgets counting every position read), with ``diagnostics`` on, into ``DIR/len-L/``.
+Then the pass-key task (:mod:`butler_training.needle`) at ``--needle-lengths`` and depths, and the
+co-reference task at ``--coref-tokens``, for ``--task-methods`` at ``--task-fractions``. Everything goes
+to ``DIR/eval_by_length.json`` (rewritten after each piece; ``--resume`` keeps finished pieces), with the
+plots ``DIR/eval_by_length.png`` (perplexity ratio against context length, a panel per budget) and
+``DIR/recall_by_position.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from butler_training.common import config_from_args, describe_machine, git_commit, resolve_device, utc_now, versions
+from butler_training.evaluate import (
+    ALL_METHODS,
+    DEFAULT_DATA,
+    DecodeSimulator,
+    EvalConfig,
+    build_method,
+    coref_accuracy,
+    evaluate,
+    load_for_eval,
+    make_plan,
+)
+
+__all__ = ["LengthEvalConfig", "evaluate_by_length", "main", "format_length_table"]
+
+TASK_METHODS = ("dense", "oracle", "tokenbutler", "streaming_llm", "h2o")
+
+
+@dataclasses.dataclass
+class LengthEvalConfig:
+    out: str | None = None
+    predictor: str | None = None
+    base_model: str | None = None
+    gguf_file: str | None = None
+    data: list[str] | None = None
+    data_dir: str | None = None
+    seq_lens: list[int] = dataclasses.field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    windows: int = 8
+    prefill: int = 128
+    batch_size: int = 1
+    sinks: int = 4
+    window: int = 8
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(ALL_METHODS))
+    fractions: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5])
+    needle_lengths: list[int] = dataclasses.field(default_factory=lambda: [2048, 4096, 8192])
+    needle_depths: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    needle_per_depth: int = 4
+    coref_tokens: int = 4096
+    coref_samples: int = 40
+    coref_prefill: int = 32
+    task_methods: list[str] = dataclasses.field(default_factory=lambda: list(TASK_METHODS))
+    task_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.25])
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    resume: bool = False
+    plot: bool = True
+    command: str | None = None
+
+
+def _plan_fn(budget: float, sinks: int, window: int):
+    return lambda length, prefill: make_plan(length, prefill, budget, "fraction", sinks, window)
+
+
+@torch.no_grad()
+def _needle_accuracy(sim, batches, method, plan_fn, device) -> dict:
+    """Accuracy overall and by ``length@depth`` cell, over batches ``(ids, spans, prefill, cells)``."""
+    by: dict[str, list[int]] = {}
+    for ids, spans, prefill, cells in batches:
+        hidden = sim.forward(ids.to(device), method, plan_fn(ids.shape[1], prefill))
+        for b, ((s, e), cell) in enumerate(zip(spans, cells)):
+            pred = sim.logits(hidden[b, s - 1 : e - 1]).argmax(-1).cpu()
+            acc = by.setdefault(cell, [0, 0])
+            acc[0] += int(torch.equal(pred, ids[b, s:e]))
+            acc[1] += 1
+    correct, total = sum(v[0] for v in by.values()), sum(v[1] for v in by.values())
+    return {"accuracy": correct / max(total, 1), "samples": total,
+            "by_cell": {k: round(v[0] / v[1], 4) for k, v in sorted(by.items())}}
+
+
+def evaluate_by_length(cfg: LengthEvalConfig, *, model=None, tokenizer=None, predictor=None) -> dict:
+    """Run everything; returns the ``eval_by_length.json`` dict (also written to ``cfg.out``)."""
+    from butler_training.coref import coref_batch, make_coref_samples
+    from butler_training.data import TokenWindows
+    from butler_training.needle import make_needle_samples, needle_batches
+    from butler_training.train import evenly_spaced
+
+    t0 = time.perf_counter()
+    if not cfg.out:
+        raise SystemExit("--out is required: the folder for eval_by_length.json and its plots")
+    if cfg.plot:
+        from butler_training.plots import require_matplotlib
+
+        require_matplotlib()
+    bad = [n for n in cfg.seq_lens if n <= cfg.prefill + 1]
+    if bad:
+        raise SystemExit(f"--seq-lens {bad} must exceed --prefill {cfg.prefill} + 1")
+    device = resolve_device(cfg.device)
+    model, tokenizer, predictor, base_desc = load_for_eval(cfg, model=model, tokenizer=tokenizer, predictor=predictor)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "eval_by_length.json"
+    sources = list(cfg.data or DEFAULT_DATA)
+    result = {
+        "base_model": predictor.config.base_model,
+        "predictor": str(cfg.predictor) if cfg.predictor else "given predictor object",
+        "predictor_format": predictor.config.format_version,
+        "split": "+".join(sources),
+        "seq_lens": list(cfg.seq_lens),
+        "prefill_len": cfg.prefill,
+        "windows": cfg.windows,
+        "settings": {"sinks": cfg.sinks, "window": cfg.window, "fractions": cfg.fractions, "dtype": cfg.dtype,
+                     "budget": "positions read per decode row, sinks + window + current token + selected, as a fraction "
+                               "of the row's context (ceil)"},
+        "command": cfg.command,
+        "machine": describe_machine(device),
+        "versions": {**versions(), "git_commit": git_commit()},
+        "base_weights": base_desc,
+        "by_length": {},
+        "needle": None,
+        "coref": None,
+        "date": utc_now(),
+    }
+    if cfg.resume and path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("settings") != result["settings"] or old.get("split") != result["split"] or old.get("windows") != cfg.windows:
+            raise SystemExit(f"{path} was written with other settings; remove it or drop --resume")
+        for k in ("by_length", "needle", "coref"):
+            result[k] = old.get(k) or result[k]
+
+    def save() -> None:
+        result["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
+
+    # ----- perplexity, recall and their breakdowns, length by length ------------------------------
+    for L in cfg.seq_lens:
+        if str(L) in result["by_length"]:
+            continue
+        tw = TokenWindows(tokenizer, sources, L, "all", seed=cfg.seed, root=cfg.data_dir, cache=True)
+        if len(tw) == 0:
+            raise SystemExit(f"the held-out sources {sources} hold no window of {L} tokens")
+        idx = evenly_spaced(len(tw), cfg.windows)
+        windows = torch.stack([tw[i] for i in idx])
+        print(f"== length {L}: {len(idx)} windows of {len(tw)}", file=sys.stderr, flush=True)
+        sub = EvalConfig(
+            out=str(out / f"len-{L}"), predictor=cfg.predictor, data=sources, data_dir=cfg.data_dir, seq_len=L,
+            prefill=cfg.prefill, windows=len(idx), batch_size=cfg.batch_size, sinks=cfg.sinks, window=cfg.window,
+            methods=list(cfg.methods), intervals=[1], fractions=list(cfg.fractions), token_budgets=[], diagnostics=True,
+            coref_samples=0, gen_prompts=0, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, plot=False,
+            command=cfg.command,
+        )
+        r = evaluate(sub, model=model, tokenizer=tokenizer, predictor=predictor, windows=windows, base_desc=base_desc)
+        result["by_length"][str(L)] = {"dense_ppl": r["dense_ppl"], "windows": len(idx), "windows_available": len(tw),
+                                       "results": r["results"]}
+        save()
+
+    # ----- tasks: pass-key retrieval and co-reference ---------------------------------------------
+    methods = [m for m in cfg.task_methods if m == "dense" or m in ALL_METHODS]
+    configs = [(m, 1.0 if m == "dense" else f) for m in methods for f in ([1.0] if m == "dense" else cfg.task_fractions)]
+    with DecodeSimulator(model) as sim:
+        if cfg.needle_lengths and cfg.needle_per_depth > 0 and result["needle"] is None:
+            hay = TokenWindows(tokenizer, sources, max(cfg.needle_lengths), "all", seed=cfg.seed, root=cfg.data_dir, cache=True)
+            haystack = torch.cat([hay[i] for i in range(len(hay))]).tolist()
+            samples = [s for L in cfg.needle_lengths
+                       for s in make_needle_samples(tokenizer, haystack, L, cfg.needle_depths, cfg.needle_per_depth, seed=cfg.seed)]
+            batches = needle_batches(samples, cfg.batch_size)
+            needle = {"lengths": cfg.needle_lengths, "depths": cfg.needle_depths, "per_depth": cfg.needle_per_depth,
+                      "prompt": "haystack with the needle + question, prefilled densely; the key decoded", "results": []}
+            for m, f in configs:
+                method = build_method(m, 1, predictor) if m != "dense" else None
+                r = _needle_accuracy(sim, batches, method, _plan_fn(f, cfg.sinks, cfg.window), device)
+                needle["results"].append({"method": m, "budget": f, **r})
+                print(f"needle {m:14s} {f:>5.0%}  accuracy {r['accuracy']:.3f}", file=sys.stderr, flush=True)
+            result["needle"] = needle
+            save()
+        if cfg.coref_samples > 0 and result["coref"] is None:
+            samples = make_coref_samples(tokenizer, cfg.coref_samples, cfg.coref_tokens, seed=cfg.seed)
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+            cbatches = [coref_batch(samples[i : i + cfg.batch_size], pad) for i in range(0, len(samples), cfg.batch_size)]
+            coref = {"tokens": cfg.coref_tokens, "samples": cfg.coref_samples, "prefill_len": cfg.coref_prefill, "results": []}
+            for m, f in configs:
+                method = build_method(m, 1, predictor) if m != "dense" else None
+                acc = coref_accuracy(sim, cbatches, method, _plan_fn(f, cfg.sinks, cfg.window), cfg.coref_prefill, device)
+                coref["results"].append({"method": m, "budget": f, "accuracy": acc})
+                print(f"coref  {m:14s} {f:>5.0%}  accuracy {acc:.3f}", file=sys.stderr, flush=True)
+            result["coref"] = coref
+            save()
+    save()
+    if cfg.plot:
+        from butler_training.plots import plot_by_length, plot_recall_by_position
+
+        plot_by_length(result, out / "eval_by_length.png")
+        plot_recall_by_position(result, out / "recall_by_position.png")
+    print(format_length_table(result), file=sys.stderr)
+    return result
+
+
+def format_length_table(result: dict, metric: str = "ppl_rel", methods: Sequence[str] | None = None) -> str:
+    """Markdown table: one row per (context length, budget), one column per method."""
+    names = list(methods or dict.fromkeys(r["method"] for L in result["by_length"].values() for r in L["results"]
+                                          if r["method"] != "dense"))
+    head = ["context", "budget", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    spec = ".4f" if metric == "ppl_rel" else ".3f"
+    for L, block in sorted(result["by_length"].items(), key=lambda kv: int(kv[0])):
+        cells: dict[tuple, dict] = {(r["method"], float(r["budget"])): r for r in block["results"] if r["budget_kind"] == "fraction"}
+        for f in sorted({b for (m, b) in cells if m != "dense"}):
+            vals = [format(cells[(m, f)][metric], spec) if (m, f) in cells and cells[(m, f)].get(metric) is not None else "–"
+                    for m in names]
+            lines.append(f"| {int(L):,} | {f:.0%} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = LengthEvalConfig()
+    p = argparse.ArgumentParser(prog="butler-zoo eval --seq-lens", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", required=True, help="context lengths (window sizes) to evaluate")
+    p.add_argument("--out", required=True, help="folder for eval_by_length.json, the per-length eval.json and the plots")
+    p.add_argument("--predictor", help="predictor folder or Hub id (default: the SmolLM2 predictor shipped with butler-zoo)")
+    p.add_argument("--base-model", help="override the base (folder or Hub id)")
+    p.add_argument("--gguf-file", help="GGUF file inside --base-model")
+    p.add_argument("--data", nargs="+", help=f"held-out sources (default: {' '.join(DEFAULT_DATA)})")
+    p.add_argument("--data-dir", help="corpora root (default $BUTLER_ZOO_CORPORA or data/corpora)")
+    p.add_argument("--windows", type=int, default=d.windows, help=f"windows per length, evenly spaced (default {d.windows})")
+    p.add_argument("--prefill", type=int, default=d.prefill, help=f"dense prefill rows (default {d.prefill})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per forward (default {d.batch_size})")
+    p.add_argument("--sinks", type=int, default=d.sinks, help=f"(default {d.sinks})")
+    p.add_argument("--window", type=int, default=d.window, help=f"local window incl. the current token (default {d.window})")
+    p.add_argument("--methods", nargs="+", default=d.methods, choices=list(ALL_METHODS), help="(default: all)")
+    p.add_argument("--fractions", nargs="+", type=float, default=d.fractions,
+                   help=f"budgets, fractions of the context read (default {' '.join(map(str, d.fractions))})")
+    p.add_argument("--needle-lengths", nargs="*", type=int, default=d.needle_lengths, help="pass-key haystack lengths (none: skip)")
+    p.add_argument("--needle-depths", nargs="+", type=float, default=d.needle_depths, help="needle depths, fractions")
+    p.add_argument("--needle-per-depth", type=int, default=d.needle_per_depth, help=f"samples per length and depth (default {d.needle_per_depth})")
+    p.add_argument("--coref-tokens", type=int, default=d.coref_tokens, help=f"co-reference sample length (default {d.coref_tokens})")
+    p.add_argument("--coref-samples", type=int, default=d.coref_samples, help=f"0 skips it (default {d.coref_samples})")
+    p.add_argument("--coref-prefill", type=int, default=d.coref_prefill, help=f"(default {d.coref_prefill})")
+    p.add_argument("--task-methods", nargs="+", default=d.task_methods, choices=["dense", *ALL_METHODS],
+                   help=f"methods of the two tasks (default {' '.join(d.task_methods)})")
+    p.add_argument("--task-fractions", nargs="+", type=float, default=d.task_fractions, help="budgets of the two tasks")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d.dtype)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="keep the pieces already in OUT/eval_by_length.json")
+    p.add_argument("--no-plot", dest="plot", action="store_false")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(LengthEvalConfig, args, prog_command or ("python -m butler_training.by_length " + " ".join(argv)))
+    evaluate_by_length(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
