@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from butler_zoo import attach_butler, detach_butler
-from butler_zoo.compat import cache_kwarg, output_cache
+from butler_zoo.compat import cache_kwarg
 from tiny_models import TINY_SPECS, left_padded_batch, tiny_model, tiny_predictor
 
 STEPS = 6
@@ -121,7 +121,7 @@ def test_attended_set_is_sinks_window_topb(name, query_heads, budget):
     # A cache without sliding layers keeps every token, so Mistral's window must come from the mask alone.
     cache = DynamicCache()
     with model.butler.record() as rec:
-        out = _generate(model, ids, mask, **{cache_kwarg(model): cache})
+        _generate(model, ids, mask, **{cache_kwarg(model): cache})
     for h in hooks:
         h.remove()
     window_limit = getattr(model.config, "sliding_window", None)

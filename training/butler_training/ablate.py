@@ -7,10 +7,12 @@
 The base model, the tokenized windows and the held-out evaluation windows are loaded once. A variant
 is ``default`` or comma-separated ``field=value`` overrides of :class:`~butler_training.train.TrainConfig`
 (``producer_stride``, ``sketch_dim``, ``mlp_dim``, ``query_heads``, ``tail_fraction``, ``tokens``,
-``lr``, ``batch_size``, ``rows``...). Each is trained (``OUT/<variant>/``: predictor + training log), then
-evaluated with TokenButler (interval 1) at ``--fractions`` on ``--eval-windows`` held-out windows
-(perplexity ratio to dense, mass recall, top-k overlap); the oracle at the same budgets is measured
-once as the reference. ``OUT/ablate.json`` is rewritten after every variant and variants already in it
+``lr``, ``batch_size``, ``rows``, ``format_version``, ``seq_lens`` with ``;`` between lengths...). Each is
+trained on windows of ``--seq-len`` tokens (default: the recipe's; ``seq_lens`` cuts them shorter) into
+``OUT/<variant>/`` (predictor + training log), then evaluated with TokenButler (interval 1) at
+``--fractions`` on ``--eval-windows`` held-out windows of each ``--eval-seq-lens`` length (perplexity ratio
+to dense, mass recall, top-k overlap); the oracle at the same budgets and lengths is measured once as the
+reference. ``OUT/ablate.json`` is rewritten after every variant and variants already in it
 are skipped, so the command can be re-run after a time limit.
 """
 
@@ -42,9 +44,11 @@ def parse_variant(text: str) -> dict:
         if not sep or key not in fields:
             raise SystemExit(f"bad variant {text!r}: expected 'default' or field=value[,field=value] with fields of TrainConfig")
         default = getattr(TrainConfig(out=""), key)
-        if isinstance(default, bool):
+        if key == "seq_lens":
+            out[key] = [int(v) for v in value.split(";")]
+        elif isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int) or key in ("tokens", "producer_stride", "sketch_dim", "mlp_dim", "seq_len"):
+        elif isinstance(default, int) or key in ("tokens", "producer_stride", "sketch_dim", "mlp_dim", "seq_len", "format_version"):
             out[key] = int(float(value))
         elif isinstance(default, float):
             out[key] = float(value)
@@ -66,7 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--base-dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--val-windows", type=int, default=16, help="held-out windows for the training-loss validation")
-    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for the decode-simulated evaluation")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows per length for the decode-simulated evaluation")
+    p.add_argument("--seq-len", type=int, help="training window length (default: the recipe's)")
+    p.add_argument("--eval-seq-lens", type=int, nargs="+", help="evaluation context lengths (default: the training window length)")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5])
     p.add_argument("--prefill", type=int, default=128)
@@ -87,22 +93,26 @@ def main(argv=None) -> int:
     print(f"loading base {loc['description']} ...", file=sys.stderr)
     model, tokenizer = load_base(loc, DTYPES[args.base_dtype])
     model.to(device)
-    seq_len = recipe.seq_len
+    seq_len = args.seq_len or recipe.seq_len
     tw = build_windows(tokenizer, list(recipe.data), seq_len, "train", args.data_dir)
     train_windows = torch.stack([tw[i] for i in range(len(tw))])
     vw = build_windows(tokenizer, list(recipe.data), seq_len, "heldout", args.data_dir)
     val_windows = torch.stack([vw[i] for i in evenly_spaced(len(vw), args.val_windows)])
     from butler_training.data import TokenWindows
 
-    ew = TokenWindows(tokenizer, list(DEFAULT_DATA), seq_len, "all", seed=0, root=args.data_dir, cache=True)
-    eval_windows = torch.stack([ew[i] for i in evenly_spaced(len(ew), args.eval_windows)])
+    eval_lens = args.eval_seq_lens or [seq_len]
+    eval_windows = {}
+    for L in eval_lens:
+        ew = TokenWindows(tokenizer, list(DEFAULT_DATA), L, "all", seed=0, root=args.data_dir, cache=True)
+        eval_windows[L] = torch.stack([ew[i] for i in evenly_spaced(len(ew), args.eval_windows)])
 
     path = out / "ablate.json"
     report = json.loads(path.read_text()) if path.is_file() else {
         "recipe": args.recipe, "command": "python -m butler_training.ablate " + " ".join(argv or sys.argv[1:]),
         "machine": describe_machine(device), "versions": versions(), "date": utc_now(),
-        "eval": {"split": "+".join(DEFAULT_DATA), "windows": args.eval_windows, "seq_len": seq_len,
-                 "prefill_len": args.prefill, "sinks": args.sinks, "window": args.window, "fractions": args.fractions},
+        "eval": {"split": "+".join(DEFAULT_DATA), "windows": args.eval_windows, "seq_lens": eval_lens,
+                 "train_seq_len": seq_len, "prefill_len": args.prefill, "sinks": args.sinks, "window": args.window,
+                 "fractions": args.fractions},
         "reference": {}, "variants": [],
     }
 
@@ -116,14 +126,14 @@ def main(argv=None) -> int:
 
     with DecodeSimulator(model) as sim:
         if not report["reference"]:
-            dense = windows_ppl(sim, eval_windows, None, plan_fn(1.0), args.prefill, args.eval_batch_size, device, metrics=False)
-            ref = {"dense_ppl": dense["ppl"]}
-            for f in args.fractions:
-                r = windows_ppl(sim, eval_windows, build_method("oracle"), plan_fn(f), args.prefill, args.eval_batch_size, device)
-                ref[f"oracle@{f}"] = {"ppl_rel": r["ppl"] / dense["ppl"], "mass_recall": r["mass_recall"]}
-            report["reference"] = ref
+            for L, windows in eval_windows.items():
+                dense = windows_ppl(sim, windows, None, plan_fn(1.0), args.prefill, args.eval_batch_size, device, metrics=False)
+                ref = {"dense_ppl": dense["ppl"]}
+                for f in args.fractions:
+                    r = windows_ppl(sim, windows, build_method("oracle"), plan_fn(f), args.prefill, args.eval_batch_size, device)
+                    ref[f"oracle@{f}"] = {"ppl_rel": r["ppl"] / dense["ppl"], "mass_recall": r["mass_recall"]}
+                report["reference"][str(L)] = ref
             save()
-    dense_ppl = report["reference"]["dense_ppl"]
     done = {v["variant"] for v in report["variants"]}
     for variant in args.variants:
         if variant in done:
@@ -142,24 +152,35 @@ def main(argv=None) -> int:
                  "tokens": log["tokens_seen"], "train_time_s": log["train_time_s"],
                  "heldout_kl": log["validation"][-1]["kl"] if log["validation"] else None}
         with DecodeSimulator(model) as sim:
-            for f in args.fractions:
-                r = windows_ppl(sim, eval_windows, build_method("tokenbutler", 1, pred), plan_fn(f), args.prefill,
-                                args.eval_batch_size, device)
-                entry[f"@{f}"] = {"ppl_rel": r["ppl"] / dense_ppl, "mass_recall": r["mass_recall"],
-                                  "topk_overlap": r["topk_overlap"]}
+            for L, windows in eval_windows.items():
+                dense_ppl = report["reference"][str(L)]["dense_ppl"]
+                for f in args.fractions:
+                    r = windows_ppl(sim, windows, build_method("tokenbutler", 1, pred), plan_fn(f), args.prefill,
+                                    args.eval_batch_size, device)
+                    entry[f"{L}@{f}"] = {"ppl_rel": r["ppl"] / dense_ppl, "mass_recall": r["mass_recall"],
+                                         "topk_overlap": r["topk_overlap"]}
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         report["variants"].append(entry)
         save()
-        cells = "  ".join(f"{f:.0%}: {entry[f'@{f}']['ppl_rel']:.4f}x r={entry[f'@{f}']['mass_recall']:.3f}" for f in args.fractions)
+        cells = "  ".join(f"{k}: {v['ppl_rel']:.4f}x r={v['mass_recall']:.3f}" for k, v in entry.items() if "@" in k)
         print(f"== {variant}: KL {entry['heldout_kl']:.4f}  {cells}  [{entry['seconds']}s]", file=sys.stderr, flush=True)
-    ref = report["reference"]
-    print("variant | params | held-out KL | " + " | ".join(f"ppl_rel@{f:.0%} (recall)" for f in args.fractions))
-    print("oracle | | | " + " | ".join(f"{ref[f'oracle@{f}']['ppl_rel']:.4f} ({ref[f'oracle@{f}']['mass_recall']:.3f})"
-                                        for f in args.fractions if f"oracle@{f}" in ref))
-    for v in report["variants"]:
-        print(f"{v['variant']} | {v['parameters']:,} | {v['heldout_kl']:.4f} | "
-              + " | ".join(f"{v[f'@{f}']['ppl_rel']:.4f} ({v[f'@{f}']['mass_recall']:.3f})" for f in args.fractions if f"@{f}" in v))
+    print(format_ablation(report))
     return 0
+
+
+def format_ablation(report: dict) -> str:
+    """Markdown table: a row per variant (and the oracle), a column per (length, budget): ppl ratio (recall)."""
+    cols = [(int(L), f) for L in report["reference"] for f in report["eval"]["fractions"]]
+    head = "| variant | held-out KL | " + " | ".join(f"{L} @ {f:.0%}" for L, f in cols) + " |"
+    lines = [head, "|" + "---|" * (2 + len(cols))]
+    ref = report["reference"]
+    lines.append("| oracle | | " + " | ".join(
+        f"{ref[str(L)][f'oracle@{f}']['ppl_rel']:.4f} ({ref[str(L)][f'oracle@{f}']['mass_recall']:.3f})" for L, f in cols) + " |")
+    for v in report["variants"]:
+        cells = [f"{v[f'{L}@{f}']['ppl_rel']:.4f} ({v[f'{L}@{f}']['mass_recall']:.3f})" if f"{L}@{f}" in v else "–" for L, f in cols]
+        kl = f"{v['heldout_kl']:.4f}" if v.get("heldout_kl") is not None else "–"
+        lines.append(f"| {v['variant']} | {kl} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

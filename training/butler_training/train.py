@@ -75,6 +75,7 @@ class TrainConfig:
     sketch_dim: int | None = None
     mlp_dim: int | None = None
     query_heads: str | None = None
+    format_version: int | None = None  # predictor format (default: the newest; 1 to reproduce the old design)
     device: str = "auto"
     base_dtype: str = "float32"
     autocast: str = "none"
@@ -139,7 +140,10 @@ def evenly_spaced(n_total: int, n: int) -> list[int]:
 def make_butler_config(cfg: TrainConfig, model, recipe):
     from butler_zoo.config import ButlerConfig
 
-    over = {k: getattr(cfg, k) for k in ("producer_stride", "sketch_dim", "mlp_dim", "query_heads") if getattr(cfg, k) is not None}
+    over = {k: getattr(cfg, k) for k in ("producer_stride", "sketch_dim", "mlp_dim", "query_heads", "format_version")
+            if getattr(cfg, k) is not None}
+    if over.get("format_version") == 1:
+        over["rope_pairs"] = None
     if recipe is not None:
         kwargs = recipe.butler_config_kwargs()
         kwargs.update(over)
@@ -227,9 +231,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
         train_windows = torch.stack([train_windows[i] for i in range(len(train_windows))])
     seq_len = train_windows.shape[1]
     lengths = lengths or [seq_len]
-    if any(n < 2 or seq_len % n for n in lengths) or max(lengths) != seq_len:
-        raise SystemExit(f"--seq-lens {lengths}: every length must divide the window length {seq_len}, the longest "
-                         "being equal to it")
+    if any(n < 2 or seq_len % n for n in lengths):
+        raise SystemExit(f"--seq-lens {lengths}: every length must divide the window length {seq_len} (--seq-len)")
     data_info.setdefault("train_windows", int(train_windows.shape[0]))
 
     bcfg = butler_config or make_butler_config(cfg, model, recipe)
@@ -485,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sketch-dim", type=int, help="d'")
     g.add_argument("--mlp-dim", type=int, help="I")
     g.add_argument("--query-heads", choices=["kv", "query"], help="queries per KV head, or per query head max-reduced")
+    g.add_argument("--format-version", type=int, choices=[1, 2],
+                   help="predictor format: 2 (default) position-consistent sketch; 1 the old post-RoPE sketch, for comparisons")
     g = p.add_argument_group("machine")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--base-dtype", choices=sorted(DTYPES), default=d.base_dtype, help="dtype of the frozen base's weights")

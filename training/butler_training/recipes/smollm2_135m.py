@@ -16,7 +16,7 @@ RECIPE = register_recipe(Recipe(
     name="smollm2-135m-instruct", base_model="HuggingFaceTB/SmolLM2-135M-Instruct", model_type="llama",
     license="apache-2.0", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
     head_dim=64, rope_theta=100000.0, repo_id="butler-zoo/SmolLM2-135M-Instruct-butler",
-    base_model_source=dict(SMOLLM2_SOURCE), seq_len=1024, train_tokens=16_000_000,
-    data=("kjv:train", "shakespeare:train", "fortunes:train"),
+    base_model_source=dict(SMOLLM2_SOURCE), seq_len=8192, seq_lens=(1024, 2048, 4096, 8192), train_tokens=32_000_000,
+    data=("kjv:train", "shakespeare:train", "fortunes:train", "pydocs:train"),
     policy={"sinks": 4, "window": 8, "budget": 0.25, "prediction_interval": 1},
 ))
