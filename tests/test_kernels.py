@@ -203,6 +203,61 @@ def test_sketch_write_matches_reference(dtype, d, dp):
         sketch_write_triton(pool, loc, keys, weight[:, :, :1])
 
 
+def _rope_angles(positions: torch.Tensor, d: int, dtype, theta: float = 10000.0) -> torch.Tensor:
+    """``[n, D]`` = cat(cos, sin) of the base's ``D/2`` rotary frequencies at ``positions`` (SGLang's
+    ``cos_sin_cache`` layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    freqs = positions[:, None].float() * inv_freq
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,dp", [(64, 16), (16, 8), (128, 8)])
+def test_sketch_write_with_rope_matches_reference(dtype, d, dp):
+    """A format-2 sketch (keys un-rotated with their angles, the sketch's pairs rotated after the
+    projection, some pairs not rotated) in one launch equals ``reference.write_sketch(..., rope=)``:
+    bf16 bit for bit (every op rounded as torch rounds it), fp32 to the matmul's summation order.
+    D/2 = 8 pads the halves to the 16 rows a tensor-core dot needs."""
+    gen = torch.Generator().manual_seed(d * dp)
+    n, h_kv, slots = 37, 3, 90
+    keys = torch.randn(n, h_kv * 2, d, generator=gen).to(dtype)[:, ::2]  # strided, as a slice of SGLang's k
+    weight = (torch.randn(h_kv, d, dp, generator=gen) / d**0.5).to(dtype)
+    loc = torch.randperm(slots, generator=gen)[:n]
+    angles = _rope_angles(torch.randint(0, 40000, (n,), generator=gen), d, dtype)  # halves of one table
+    cos, sin = angles[:, : d // 2], angles[:, d // 2 :]
+    half = dp // 2
+    pairs = torch.full((half,), -1, dtype=torch.int64)
+    pairs[half // 2 :] = torch.randperm(d // 2, generator=gen)[: half - half // 2]  # half the pairs rotate
+    pool = torch.randn(h_kv, slots, dp, generator=gen).to(dtype).transpose(0, 1)  # head-major
+    before = pool.clone()
+    want = pool.clone()
+    reference.write_sketch(want, loc, keys, weight, rope=(cos, sin, pairs))
+    for pairs_dtype in (torch.int64, torch.int32):
+        pool = before.clone()
+        sketch_write_triton(pool, loc.int(), keys, weight, rope=(cos, sin, pairs.to(pairs_dtype)))
+        if dtype == torch.bfloat16:
+            assert torch.equal(pool, want)
+        else:
+            torch.testing.assert_close(pool, want, rtol=1e-5, atol=1e-5)
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[loc] = False
+    assert torch.equal(pool[untouched], before[untouched])
+    # not a format-1 write by another name
+    plain = before.clone()
+    reference.write_sketch(plain, loc, keys, weight)
+    assert not torch.allclose(pool[loc].float(), plain[loc].float(), atol=1e-2)
+    # the op: the reference off CUDA, and its schema
+    pool = before.clone()
+    args = (pool, loc, keys, weight, cos, sin, pairs)
+    torch.ops.butler.write_sketch_rope(*args)
+    assert torch.equal(pool, want)
+    torch.library.opcheck(torch.ops.butler.write_sketch_rope.default, args)
+    with pytest.raises(ValueError, match=r"rope cos must be \[n, D/2\]"):
+        sketch_write_triton(pool, loc, keys, weight, rope=(angles, sin, pairs))
+    with pytest.raises(ValueError, match="rope pairs must be"):
+        sketch_write_triton(pool, loc, keys, weight, rope=(cos, sin, pairs[:1]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("e,with_residual,with_bias", [(576, True, True), (100, False, True), (4096, True, False)])
 def test_residual_layer_norm_matches_reference(dtype, e, with_residual, with_bias):

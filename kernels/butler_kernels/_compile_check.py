@@ -149,6 +149,11 @@ def build_all(arch: int = 90, sms: int = 132) -> list[Build]:
     loc = torch.empty(16, dtype=torch.int64, device=meta)
     launch = sketch_write_launch(pool, loc, keys, weight)
     builds.append(_build(kernel_module("_sketch_kernels", "cuda"), launch, "16 tokens, bf16, D 128, d' 16, head-major pool", arch))
+    # ... of a format-2 predictor: keys un-rotated and sketch pairs rotated, angles halves of one [n, D] table
+    angles = torch.empty(16, d, device=meta, dtype=torch.bfloat16)
+    pairs = torch.empty(dp // 2, dtype=torch.int64, device=meta)
+    launch = sketch_write_launch(pool, loc, keys, weight, (angles[:, : d // 2], angles[:, d // 2 :], pairs))
+    builds.append(_build(kernel_module("_sketch_kernels", "cuda"), launch, "16 tokens, bf16, D 128, d' 16, rope", arch))
     # the producer's input norm at decode (Llama-3.1-8B's hidden size)
     from butler_kernels.producer_norm import residual_norm_launch
 

@@ -1,6 +1,6 @@
 """``torch.library`` custom ops: ``butler::score_select``, ``butler::budgeted_attention`` (and
 ``butler::budgeted_attention_step``, which also writes the new tokens' sketch), ``butler::write_sketch``
-and ``butler::residual_layer_norm``.
+(and ``butler::write_sketch_rope``, the sketch of a format-2 predictor) and ``butler::residual_layer_norm``.
 
 Each op has a fake implementation (shapes only), so ``torch.compile(fullgraph=True)`` traces
 through it without a graph break, and its output shapes are static for a fixed budget, so CUDA
@@ -19,9 +19,10 @@ from butler_kernels._checks import check_score_select_layers
 from butler_kernels.budgeted_attention import NewSketch, budgeted_attention_triton, check_attention_call
 from butler_kernels.score_select import score_select_reference, score_select_triton
 from butler_kernels.producer_norm import check_residual_layer_norm, residual_layer_norm_triton
-from butler_kernels.sketch_write import sketch_write_triton
+from butler_kernels.sketch_write import check_sketch_write, sketch_write_triton
 
-__all__ = ["score_select", "budgeted_attention", "budgeted_attention_step", "write_sketch", "residual_layer_norm"]
+__all__ = ["score_select", "budgeted_attention", "budgeted_attention_step", "write_sketch", "write_sketch_rope",
+           "residual_layer_norm"]
 
 
 @torch.library.custom_op("butler::score_select", mutates_args=())
@@ -158,6 +159,31 @@ def _write_sketch_cuda(pool, loc, keys, weight):
 
 @write_sketch.register_fake
 def _write_sketch_fake(pool, loc, keys, weight):
+    return None
+
+
+# A separate op rather than optional arguments of butler::write_sketch: torch 2.11's dispatcher drops
+# trailing arguments equal to their defaults and then fails to bump the version of a mutated one.
+@torch.library.custom_op("butler::write_sketch_rope", mutates_args=("pool",))
+def write_sketch_rope(
+    pool: torch.Tensor, loc: torch.Tensor, keys: torch.Tensor, weight: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor,
+) -> None:
+    """``write_sketch`` of a format-2 (position-consistent) predictor: ``cos``/``sin`` ``[n, D/2]`` the
+    base's rotary angles at the keys' positions, ``pairs [d'/2]`` its ``rope_pairs``
+    (``reference.write_sketch(..., rope=(cos, sin, pairs))``)."""
+    check_sketch_write(pool, loc, keys, weight, (cos, sin, pairs))
+    reference.write_sketch(pool, loc, keys, weight, rope=(cos, sin, pairs))
+
+
+@write_sketch_rope.register_kernel("cuda")
+def _write_sketch_rope_cuda(pool, loc, keys, weight, cos, sin, pairs):
+    sketch_write_triton(pool, loc, keys, weight, rope=(cos, sin, pairs))
+
+
+@write_sketch_rope.register_fake
+def _write_sketch_rope_fake(pool, loc, keys, weight, cos, sin, pairs):
+    check_sketch_write(pool, loc, keys, weight, (cos, sin, pairs))
     return None
 
 
