@@ -114,7 +114,9 @@ def test_flags_reach_scheduler_server_args_and_startup_checks(tmp_path):
 
 @requires_sglang
 def test_decode_step_against_sglang_dense_and_torch_reference(tmp_path):
+    """Format-2 predictors (the default) at three budgets, a format-1 predictor at one."""
     r = _inner("decode", tmp_path)
+    assert [(c["budget"], c["format"]) for c in r["cases"]] == [("16", 2), ("0.1", 2), ("1.0", 2), ("16", 1)]
     for case in r["cases"]:
         if case["all_dense"]:
             # a budget that covers every context the table holds: SGLang's own Triton decode, bit for bit
@@ -126,7 +128,7 @@ def test_decode_step_against_sglang_dense_and_torch_reference(tmp_path):
         # every row: the project's torch reference (score, top-B per KV head, budgeted attention)
         for row in range(3):
             assert case["max_abs_vs_reference"][row] < 2e-5, case
-    by_budget = {c["budget"]: c for c in r["cases"]}
+    by_budget = {c["budget"]: c for c in r["cases"] if c["format"] == 2}
     assert by_budget["1.0"]["all_dense"] and not by_budget["16"]["all_dense"] and not by_budget["0.1"]["all_dense"]
     assert by_budget["1.0"]["parent_decode_calls"] == 3  # every layer
     assert by_budget["16"]["parent_decode_calls"] == 0 and by_budget["0.1"]["parent_decode_calls"] == 0
@@ -142,8 +144,25 @@ def test_decode_step_against_sglang_dense_and_torch_reference(tmp_path):
     assert by_budget["1.0"]["sparse_rows"] == [] and len(by_budget["1.0"]["dense_rows"]) == 3  # budget covers the context
     assert by_budget["16"]["dense_rows"] == [0] and by_budget["16"]["sparse_rows"] == [1, 2]  # row by row
     assert by_budget["0.1"]["sparse_rows"] == [0, 1, 2]
-    assert r["sketch_written_in_extend"] and r["sketch_written_in_decode"] and r["producer_queries_ok"]
-    assert r["graph_replay_equals_eager"]
+    format1 = r["cases"][-1]
+    assert format1["dense_rows"] == [0] and format1["sparse_rows"] == [1, 2] and format1["selected_by_producer"] == [1, 2]
+    for case in r["cases"]:
+        # the sketch store is reference.project_sketch of the pool's keys (format 2: with the angles of
+        # each token's position, from the served model's rotary table), written by extend and decode
+        # (fused into the attention launch for format 1, its own launch for format 2; the parent's
+        # K/V write when the budget covers the context)
+        assert case["sketch_written_in_extend"] < 1e-6 and case["sketch_written_in_decode"] < 1e-6, case
+        # producer queries: predictor.position_queries(producer_queries(...)) at the decode positions
+        assert case["producer_queries_max_abs"] < 1e-5, case
+        assert case["graph_replay_equals_eager"], case
+    for case in r["cases"][:3]:
+        # format 2 is not format 1 by another name: the rotations change the sketch and the queries
+        assert case["sketch_differs_from_format1"] and case["queries_differ_from_unpositioned"], case
+        # positions reach the backend: decode angles of the rows' positions, extend batches' of theirs
+        assert case["decode_angles_ok"] and case["extend_angles_ok"] and case["padding_is_identity"], case
+    assert r["startup_errors"]["interleaved"].startswith("TokenButlerStartupError") and "neox" in r["startup_errors"]["interleaved"]
+    assert "rotary_emb" in r["startup_errors"]["missing"]
+    assert "rotary_dim == head_dim" in r["startup_errors"]["partial"]
 
 
 # =====================================================================================================
@@ -152,7 +171,7 @@ def test_decode_step_against_sglang_dense_and_torch_reference(tmp_path):
 L, HQ, HKV, D, E = 3, 4, 2, 16, 64
 
 
-def _make_model_and_predictor(tmp: Path, layers: int = L, name: str = "pred"):
+def _make_model_and_predictor(tmp: Path, layers: int = L, name: str = "pred", format_version: int | None = None):
     import torch
     from transformers import LlamaConfig
 
@@ -164,8 +183,10 @@ def _make_model_and_predictor(tmp: Path, layers: int = L, name: str = "pred"):
                           num_key_value_heads=HKV, head_dim=D, vocab_size=256, max_position_embeddings=512)
         cfg.architectures = ["LlamaForCausalLM"]
         cfg.save_pretrained(model_dir)
+    kw = {} if format_version is None else {"format_version": format_version}  # default: the current format (2)
     bc = ButlerConfig(base_model="tiny-llama", base_model_type="llama", num_hidden_layers=layers, hidden_size=E,
-                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, producer_stride=2, sketch_dim=8, mlp_dim=32)
+                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, producer_stride=2, sketch_dim=8, mlp_dim=32,
+                      **kw)
     torch.manual_seed(0)
     ButlerPredictor(bc).save_pretrained(tmp / name)
     return model_dir, tmp / name
@@ -276,9 +297,9 @@ def _check_flags(tmp: Path) -> dict:
     }
 
 
-def _fake_runner(sa, dtype, layers):
+def _fake_runner(sa, dtype, layers, forward=None):
     """The attributes of ModelRunner that TritonAttnBackend and the plugin read, around SGLang's own
-    ReqToTokenPool and MHATokenToKVPool."""
+    ReqToTokenPool and MHATokenToKVPool; ``forward(forward_batch)`` stands for the model's forward."""
     import types
 
     import torch
@@ -292,8 +313,20 @@ def _fake_runner(sa, dtype, layers):
         server_args=sa, model_config=sa.get_model_config(), req_to_token_pool=r2t, token_to_kv_pool=pool,
         token_to_kv_pool_allocator=None, sliding_window_size=None, hybrid_gdn_config=None, kimi_linear_config=None,
         linear_attn_model_spec=None, device="cpu", gpu_id=0, dtype=dtype, model=model, is_draft_worker=False,
-        start_layer=0, end_layer=L,
+        start_layer=0, end_layer=L, forward=forward or (lambda forward_batch, *a, **kw: None),
     )
+
+
+def _rotary(sa, neox: bool = True, rotary_dim: int = D):
+    """SGLang's own RotaryEmbedding of the tiny model (the table format-2 predictors take angles from)."""
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from sglang.srt.layers.rotary_embedding import get_rope
+    from sglang.srt.server_args import set_global_server_args_for_scheduler
+
+    set_global_server_args_for_scheduler(sa)
+    # test-only: off CUDA, SGLang builds its RoPE with vLLM's kernel unless it runs its CPU engine
+    rope_base._is_cpu = True
+    return get_rope(D, rotary_dim=rotary_dim, max_position=512, base=10000, is_neox_style=neox)
 
 
 def _check_decode(tmp: Path) -> dict:
@@ -311,22 +344,49 @@ def _check_decode(tmp: Path) -> dict:
     from butler_sglang import backend as bb
 
     tb.get_attention_tp_size = lambda: 1  # no distributed init on CPU: attention TP size 1
-    model_dir, pred = _make_model_and_predictor(tmp)
+    model_dir, pred2 = _make_model_and_predictor(tmp)
+    _, pred1 = _make_model_and_predictor(tmp, name="pred-format-1", format_version=1)
     dtype = torch.float32  # the Triton interpreter's bf16 dots are not exact
 
     class DecoderLayer(torch.nn.Module):  # returns (hidden_states, residual) like SGLang's Llama layers
+        def __init__(self, rotary):
+            super().__init__()
+            self.self_attn = torch.nn.Module()
+            self.self_attn.rotary_emb = rotary  # one table shared by every layer, as get_rope caches it
+
         def forward(self, positions, hidden, forward_batch, residual):
             return hidden * 2, hidden + 1
 
+    def angles(rotary, positions):  # cos, sin [n, D/2] of the served model's table
+        cos, sin = rotary.cos_sin_cache[positions.long()].chunk(2, dim=-1)
+        return cos.to(dtype), sin.to(dtype)
+
+    def max_abs(a, b):
+        return (a.float() - b.float()).abs().max().item()
+
     result = {"cases": []}
-    for budget in ("16", "0.1", "1.0"):
+    for budget, fmt in (("16", 2), ("0.1", 2), ("1.0", 2), ("16", 1)):
         torch.manual_seed(1)
+        pred = pred2 if fmt == 2 else pred1
         sa = _server_args(model_dir, "--decode-attention-backend", "tokenbutler", "--tokenbutler-predictor", str(pred),
                           "--tokenbutler-budget", budget, "--tokenbutler-sinks", "4", "--tokenbutler-window", "8")
-        mr = _fake_runner(sa, dtype, [DecoderLayer() for _ in range(L)])
+        rotary = _rotary(sa)
+        radix = [RadixAttention(HQ, D, D ** -0.5, num_kv_heads=HKV, layer_id=l) for l in range(L)]
+        prefill_kv = {}
+
+        def model_forward(forward_batch):
+            # the model's extend forward as far as the pool sees it: every layer writes the batch's K/V
+            n = forward_batch.out_cache_loc.shape[0]
+            for l in range(L):
+                prefill_kv[l] = (torch.randn(n, HKV, D, dtype=dtype), torch.randn(n, HKV, D, dtype=dtype))
+                forward_batch.token_to_kv_pool.set_kv_buffer(radix[l], forward_batch.out_cache_loc, *prefill_kv[l])
+
+        mr = _fake_runner(sa, dtype, [DecoderLayer(rotary) for _ in range(L)], forward=model_forward)
         backend = bb.create_backend(mr)
         dense = tb.TritonAttnBackend(mr)
         state = mr._tokenbutler_state
+        predictor = state.predictor
+        assert predictor.position_consistent == (fmt == 2)
         pool, r2t = mr.token_to_kv_pool, mr.req_to_token_pool
         lens = torch.tensor([20, 90, 130])
         bs, rpi = 3, torch.tensor([1, 2, 3])
@@ -335,31 +395,51 @@ def _check_decode(tmp: Path) -> dict:
         for i, n in enumerate(lens.tolist()):
             r2t.req_to_token[rpi[i], :n] = perm[off: off + n].to(torch.int32)
             off += n
-        radix = [RadixAttention(HQ, D, D ** -0.5, num_kv_heads=HKV, layer_id=l) for l in range(L)]
-        # "prefill": K/V of all positions but the last, through the pool (which writes the sketch)
-        for l in range(L):
-            for i, n in enumerate(lens.tolist()):
-                loc = r2t.req_to_token[rpi[i], : n - 1].long()
-                pool.set_kv_buffer(radix[l], loc, torch.randn(n - 1, HKV, D, dtype=dtype), torch.randn(n - 1, HKV, D, dtype=dtype))
-        loc = r2t.req_to_token[rpi[2], :100].long()
-        want = state.predictor.project_keys(1, pool.get_key_buffer(1)[loc].transpose(0, 1)[None])[0].transpose(0, 1)
-        result["sketch_written_in_extend"] = bool(torch.allclose(state.sketch[1][loc], want, atol=1e-6))
+        case = {"budget": budget, "format": fmt}
+        # "prefill": one extend batch of all positions but the last of every row, rows one after the
+        # other (positions 0..n-2 of row 0, then of row 1, ...), through model_runner.forward and the pool
+        ext_loc = torch.cat([r2t.req_to_token[rpi[i], : n - 1].long() for i, n in enumerate(lens.tolist())])
+        ext_pos = torch.cat([torch.arange(n - 1) for n in lens.tolist()])
+        ext = types.SimpleNamespace(forward_mode=ForwardMode.EXTEND, positions=ext_pos, out_cache_loc=ext_loc,
+                                    token_to_kv_pool=pool, batch_size=bs)
+        mr.forward(ext)
+        rope_ext = (*angles(rotary, ext_pos), predictor.rope_pairs) if fmt == 2 else None
+        if fmt == 2:
+            case["extend_angles_ok"] = bool(torch.equal(state.key_angles, torch.cat(angles(rotary, ext_pos), dim=-1)))
+        for l in (1, 2):
+            want = ref.project_sketch(pool.get_key_buffer(l)[ext_loc], predictor.key_proj[l - 1], rope_ext)
+            case["sketch_written_in_extend"] = max(case.get("sketch_written_in_extend", 0.0), max_abs(state.sketch[l][ext_loc], want))
+        if fmt == 2:
+            plain = ref.project_sketch(pool.get_key_buffer(1)[ext_loc], predictor.key_proj[0])
+            case["sketch_differs_from_format1"] = max_abs(state.sketch[1][ext_loc], plain) > 1e-3
+            # keys past the gathered angles (a piecewise CUDA graph's padding): the identity rotation
+            n_ext = ext_pos.shape[0]
+            cos_p, sin_p, _ = state.key_rope(n_ext + 3)
+            case["padding_is_identity"] = bool(
+                torch.equal(cos_p[:n_ext], angles(rotary, ext_pos)[0]) and (cos_p[n_ext:] == 1).all() and (sin_p[n_ext:] == 0).all()
+            )
 
         out_loc = torch.stack([r2t.req_to_token[rpi[i], n - 1] for i, n in enumerate(lens.tolist())]).long()
+        positions = lens - 1
         fb = types.SimpleNamespace(batch_size=bs, forward_mode=ForwardMode.DECODE, spec_info=None, seq_lens=lens.clone(),
                                    seq_lens_sum=int(lens.sum()), seq_lens_cpu=lens.clone(), req_pool_indices=rpi,
-                                   out_cache_loc=out_loc, token_to_kv_pool=pool)
+                                   out_cache_loc=out_loc, token_to_kv_pool=pool, positions=positions)
         # As in SGLang: the step's metadata, then the forward. Producer 0 reads the residual stream
         # after layer 0 (hidden_states + residual) and selects for layers 1 and 2 at once.
+        state.begin_forward(fb)  # model_runner.forward's wrapper: nothing to gather for a decode step
         backend.init_forward_metadata(fb)
         dense.init_forward_metadata(fb)
         h = torch.randn(bs, E, dtype=dtype)
-        mr.model.model.layers[0](None, h, fb, None)
-        expect_q = state.predictor.producer_queries(0, h * 2 + (h + 1))
-        result["producer_queries_ok"] = bool(torch.allclose(state.queries[0][:bs], expect_q, atol=1e-5))
-        case = {"budget": budget, "all_dense": backend.all_dense, "selected_by_producer": sorted(state.selections),
-                "dense_rows": [], "sparse_rows": [],
-                "max_abs_vs_sglang_dense": [], "max_abs_vs_reference": []}
+        mr.model.model.layers[0](positions, h, fb, None)
+        rope_dec = angles(rotary, positions)
+        unpositioned = predictor.producer_queries(0, h * 2 + (h + 1))
+        expect_q = predictor.position_queries(unpositioned, rope_dec if fmt == 2 else None)
+        case["producer_queries_max_abs"] = max_abs(state.queries[0][:bs], expect_q)
+        if fmt == 2:
+            case["queries_differ_from_unpositioned"] = max_abs(expect_q, unpositioned) > 1e-3
+            case["decode_angles_ok"] = bool(torch.equal(state.key_angles, torch.cat(rope_dec, dim=-1)))
+        case.update({"all_dense": backend.all_dense, "selected_by_producer": sorted(state.selections),
+                     "dense_rows": [], "sparse_rows": [], "max_abs_vs_sglang_dense": [], "max_abs_vs_reference": []})
         end = lens.to(torch.int32)
         start = torch.zeros_like(end)
         table = r2t.req_to_token[rpi]
@@ -388,7 +468,7 @@ def _check_decode(tmp: Path) -> dict:
             out_dense = dense.forward_decode(q, kn, vn, radix[l], fb)
             saved[l] = (q, kn, vn, out)
             # the project's torch reference, from the same predictor queries and sketch cache
-            q_sel = state.predictor.layer_queries(l, state.queries[0][:bs])
+            q_sel = predictor.layer_queries(l, state.queries[0][:bs])
             scores = ref.score_tokens(q_sel, ref.gather_positions(state.sketch[l], table), HKV)
             sel = ref.select_topk(scores, start, end, policy.sinks, policy.window, backend.budget, bpr)
             out_ref = ref.budgeted_attention(q.view(bs, HQ, D), pool.get_key_buffer(l), pool.get_value_buffer(l), sel,
@@ -396,6 +476,9 @@ def _check_decode(tmp: Path) -> dict:
             for key, other in (("max_abs_vs_sglang_dense", out_dense), ("max_abs_vs_reference", out_ref)):
                 diffs = (out - other).abs().amax(dim=-1).tolist()
                 case[key] = [max(a, b) for a, b in zip(case[key] or [0.0] * bs, diffs)]
+            # the new token's sketch, at its position
+            new = ref.project_sketch(kn, predictor.key_proj[l - 1], (*rope_dec, predictor.rope_pairs) if fmt == 2 else None)
+            case["sketch_written_in_decode"] = max(case.get("sketch_written_in_decode", 0.0), max_abs(state.sketch[l][out_loc], new))
         backend.decode_attention_fwd = parent_decode
         case["parent_decode_calls"] = len(parent_calls)
         # Without the producer's selections, each layer selects for itself: the same output.
@@ -403,8 +486,6 @@ def _check_decode(tmp: Path) -> dict:
         case["per_layer_selection_equal"] = all(
             torch.equal(backend.forward_decode(q_, kn_, vn_, radix[l], fb), out_) for l, (q_, kn_, vn_, out_) in saved.items()
         )
-        new = state.predictor.project_keys(2, saved[2][1].transpose(0, 1)[None])[0].transpose(0, 1)
-        result["sketch_written_in_decode"] = bool(torch.allclose(state.sketch[2][out_loc], new, atol=1e-6))
 
         # the CUDA-graph path: static buffers filled at capture (dummy lengths), rewritten at replay
         backend.init_cuda_graph_state(4, 4)
@@ -412,9 +493,16 @@ def _check_decode(tmp: Path) -> dict:
         backend.init_forward_metadata_replay_cuda_graph(bs, rpi, lens.to(torch.int32), int(lens.sum()), None, ForwardMode.DECODE, None, lens)
         q, kn, vn, out = saved[2]
         replayed = backend.forward_decode(q, kn, vn, radix[2], fb)
-        result["graph_replay_equals_eager"] = result.get("graph_replay_equals_eager", True) and bool(torch.equal(replayed, out))
+        case["graph_replay_equals_eager"] = bool(torch.equal(replayed, out))
         result["cases"].append(case)
         state.remove()
+
+    # Startup refuses a format-2 predictor without a usable rotary table
+    errors = {}
+    sa = _server_args(model_dir, "--decode-attention-backend", "tokenbutler", "--tokenbutler-predictor", str(pred2))
+    for name, layer_rotary in (("interleaved", _rotary(sa, neox=False)), ("partial", _rotary(sa, rotary_dim=D // 2)), ("missing", None)):
+        errors[name] = _error_of(lambda: bb.create_backend(_fake_runner(sa, dtype, [DecoderLayer(layer_rotary) for _ in range(L)])))
+    result["startup_errors"] = errors
     return result
 
 

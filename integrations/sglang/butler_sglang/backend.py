@@ -33,6 +33,20 @@ What it reuses and what it adds
   two results with ``torch.where``: with CUDA graphs that launched the parent's two kernels for
   nothing on every served layer of a batch of long rows (12.7 us per layer at 8 x 32K on the
   H100, ``integrations/sglang/gpu/profile_server.py``).
+* **Format-2 predictors** (``predictor.position_consistent``): a key's sketch is projected from the
+  un-rotated key and rotated on ``rope_pairs`` at the key's position, the producer's queries at the
+  decode token's (``reference.project_sketch(..., rope=)``, ``ButlerPredictor.position_queries``),
+  with the base's own angles: rows of the served model's ``rotary_emb.cos_sin_cache`` (checked at
+  startup: neox layout over the whole head). The angles of the tokens a forward writes
+  (:attr:`ButlerState.key_angles`, ``[n, D]`` = cos | sin, in ``forward_batch.positions`` order, the
+  order ``set_kv_buffer`` receives the keys) are gathered by a wrapper of ``model_runner.forward`` for
+  extend batches (always eager: the piecewise CUDA graph of prefill runs the attention, hence the
+  sketch write, outside its graphs) and, for decode, by a forward pre-hook on the first decoder layer
+  into a preallocated buffer (inside the captured region: graph replays re-gather them from the
+  static positions). The producer hooks rotate their queries in place with them. A decode step
+  writes the sketch with its own launch (``butler::write_sketch_rope``) before the attention, not in
+  the attention launch (the fused write takes no angles); the selection never reads the current
+  token, which is in the window. Format-1 predictors take none of these paths.
 """
 
 from __future__ import annotations
@@ -43,7 +57,8 @@ from dataclasses import dataclass
 
 import torch
 
-from butler_kernels import NewSketch, reference, residual_layer_norm, select, sparse_decode, write_sketch
+from butler_kernels import NewSketch, reference, residual_layer_norm, select, sketch_write_triton, sparse_decode, write_sketch
+from butler_kernels.dispatch import default_impl
 from butler_kernels.score_select import layers_per_launch, workspace_bytes
 from butler_sglang import BACKEND_NAME
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
@@ -51,7 +66,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ButlerState", "TokenButlerAttnBackend", "create_backend", "resolve_for_runner"]
+__all__ = ["ButlerState", "TokenButlerAttnBackend", "base_rotary", "create_backend", "resolve_for_runner"]
 
 _STATE_ATTR = "_tokenbutler_state"
 # Scratch of one selection launch over several layers (score_select.workspace_bytes per layer):
@@ -135,8 +150,20 @@ class ButlerState:
         self.decode_budget = 0
         self.selections: dict[int, torch.Tensor] = {}
 
-        layers = get_family(cfg.base_model_type).decoder_layers(model_runner.model)
-        self._handles = [
+        family = get_family(cfg.base_model_type)
+        layers = family.decoder_layers(model_runner.model)
+        # Format 2: the angles [n, D] (cos | sin) of the tokens whose keys the pool receives next (see
+        # the module docstring); the decode steps' live in `_decode_angles`, which CUDA graphs read.
+        self.position_consistent = bool(self.predictor.position_consistent)
+        self.key_angles: torch.Tensor | None = None
+        self._runner = None
+        self._handles = []
+        if self.position_consistent:
+            self._rotary = base_rotary(family, layers, start, end, self.head_dim)
+            self._decode_angles = torch.zeros((rows, self.head_dim), dtype=self.dtype, device=self.device)
+            self._handles.append(layers[start].register_forward_pre_hook(self._decode_angles_hook, with_kwargs=True))
+            self._wrap_runner_forward(model_runner)
+        self._handles += [
             layers[p].register_forward_hook(self._producer_hook(k), with_kwargs=True)
             for k, p in enumerate(cfg.producer_layers)
             if start <= p < end
@@ -156,17 +183,86 @@ class ButlerState:
         pool.set_kv_buffer = set_kv_buffer
 
     def write_sketch(self, layer_id: int, loc: torch.Tensor, keys: torch.Tensor) -> None:
-        """Sketch of the new tokens' post-RoPE keys ``[n, H_kv(*D)]`` into their slots ``loc``."""
+        """Sketch of the new tokens' post-RoPE keys ``[n, H_kv(*D)]`` into their slots ``loc`` (format 2:
+        with the angles of :attr:`key_angles`)."""
         buf = self.sketch.get(layer_id)
         if buf is None:
             return
         # predictor.project_keys in the pool's token-major layout, projection and store in one launch
-        write_sketch(buf, loc, keys.reshape(-1, self.num_kv_heads, self.head_dim), self.predictor.key_proj[layer_id - 1])
+        keys = keys.reshape(-1, self.num_kv_heads, self.head_dim)
+        weight = self.predictor.key_proj[layer_id - 1]
+        if self.position_consistent:
+            _write_sketch_rope(buf, loc, keys, weight, self.key_rope(keys.shape[0]))
+        else:
+            write_sketch(buf, loc, keys, weight)
 
     def new_sketch(self, layer_id: int, loc: torch.Tensor, keys: torch.Tensor, bs: int) -> NewSketch:
         """:meth:`write_sketch` of a decode step (one new token per row), for the attention launch."""
         keys = keys.reshape(bs, self.num_kv_heads, self.head_dim)
         return NewSketch(self.sketch[layer_id], loc, keys, self.predictor.key_proj[layer_id - 1])
+
+    # ----- format 2: the base's rotary angles ------------------------------------------------
+    def _wrap_runner_forward(self, model_runner) -> None:
+        original = getattr(model_runner, "forward", None)
+        if not callable(original):
+            raise TokenButlerStartupError(
+                "a format-2 (position-consistent) predictor needs the model runner's forward, to read the positions "
+                f"of each batch; {type(model_runner).__name__} has none"
+            )
+
+        def forward(forward_batch, *args, **kwargs):
+            self.begin_forward(forward_batch)
+            return original(forward_batch, *args, **kwargs)
+
+        forward.__wrapped__ = original
+        model_runner.forward = forward
+        self._runner = model_runner
+
+    def angles_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """The base's rotary angles ``[n, D]`` (cos | sin, in the predictor's dtype) at ``positions [n]``.
+        The table is read at each call: SGLang may replace it (longer, or cast) before CUDA-graph capture."""
+        return self._rotary.cos_sin_cache.index_select(0, positions).to(self.dtype)
+
+    def begin_forward(self, forward_batch) -> None:
+        """Before a forward (``model_runner.forward``): the angles of an extend batch's tokens, eagerly.
+        A decode step's are gathered in the forward itself (:meth:`_decode_angles_hook`)."""
+        positions = getattr(forward_batch, "positions", None)
+        if forward_batch.forward_mode.is_decode() or positions is None:
+            self.key_angles = None
+            return
+        self.key_angles = self.angles_of(positions)
+
+    def _decode_angles_hook(self, module, args, kwargs):
+        """Forward pre-hook of the first decoder layer: a decode step's angles, from the positions the
+        layer receives (the CUDA graph's static buffer under capture), into the preallocated buffer."""
+        if torch.compiler.is_compiling():
+            return None
+        fb = args[2] if len(args) > 2 else kwargs.get("forward_batch")
+        if fb is None or not fb.forward_mode.is_decode():
+            return None
+        positions = fb.positions
+        n = positions.shape[0]
+        if n > self._decode_angles.shape[0]:  # eager batches only: CUDA-graph batches fit the preallocated rows
+            self._decode_angles = torch.zeros((n, self.head_dim), dtype=self.dtype, device=self.device)
+        angles = self._decode_angles[:n]
+        angles.copy_(self._rotary.cos_sin_cache.index_select(0, positions))
+        self.key_angles = angles
+        return None
+
+    def key_rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cos, sin, pairs)`` of the next ``n`` keys the pool receives (``reference.write_sketch``'s
+        ``rope``). Tokens no forward positioned (the padding of a piecewise CUDA graph, the dummy batches of
+        warm-up and capture, all written to scratch slots) get the identity rotation."""
+        angles = self.key_angles
+        have = 0 if angles is None else angles.shape[0]
+        if have < n:
+            pad = torch.zeros((n - have, self.head_dim), dtype=self.dtype, device=self.device)
+            pad[:, : self.head_dim // 2] = 1.0
+            angles = self.key_angles = pad if angles is None else torch.cat([angles, pad])
+        elif have > n:
+            angles = angles[:n]
+        half = self.head_dim // 2
+        return angles[:, :half], angles[:, half:], self.predictor.rope_pairs
 
     # ----- producer queries ------------------------------------------------------------------
     def _producer_hook(self, producer: int):
@@ -191,6 +287,11 @@ class ButlerState:
             norm = self.predictor.producers[producer].norm
             normed = residual_layer_norm(hidden, residual, norm.weight, norm.bias, norm.eps)
             self.predictor.producer_queries_from_normed(producer, normed, out=buf[:n].view(n, -1))
+            if self.position_consistent:
+                # predictor.position_queries with the decode tokens' angles (gathered by the first layer's pre-hook)
+                angles = self._decode_angles[:n]
+                half = self.head_dim // 2
+                buf[:n].copy_(self.predictor.position_queries(buf[:n], (angles[:, :half], angles[:, half:])))
             if self.decode_step is not None:
                 self.select_served_layers(producer, n)
             return None
@@ -241,6 +342,64 @@ class ButlerState:
         wrapped = getattr(self.pool.set_kv_buffer, "__wrapped__", None)
         if wrapped is not None:
             self.pool.set_kv_buffer = wrapped
+        if self._runner is not None:
+            self._runner.forward = self._runner.forward.__wrapped__
+            self._runner = None
+
+
+def base_rotary(family, layers, start: int, end: int, head_dim: int):
+    """The served model's rotary embedding, whose ``cos_sin_cache [max_pos, D]`` (cos | sin) a format-2
+    predictor takes its angles from; :class:`TokenButlerStartupError` unless every layer of
+    ``[start, end)`` rotates the whole head in the neox ("rotate half") layout with one table."""
+    what = "a format-2 (position-consistent) predictor"
+    found = None
+    for i in range(start, end):
+        try:
+            rotary = getattr(family.attention(layers[i]), "rotary_emb", None)
+        except AttributeError:
+            rotary = None
+        if rotary is None:
+            raise TokenButlerStartupError(
+                f"{what} needs the base's rotary angles, but decoder layer {i} has no `self_attn.rotary_emb`"
+            )
+        cache = getattr(rotary, "cos_sin_cache", None)
+        if not isinstance(cache, torch.Tensor) or cache.dim() != 2:
+            raise TokenButlerStartupError(
+                f"{what} needs the base's rotary angles as a `cos_sin_cache` table [positions, head_dim]; decoder layer "
+                f"{i}'s {type(rotary).__name__} has none"
+            )
+        if not getattr(rotary, "is_neox_style", False):
+            raise TokenButlerStartupError(
+                f"{what} assumes the neox (\"rotate half\") rotary layout of Llama and Mistral; decoder layer {i}'s "
+                f"{type(rotary).__name__} is interleaved (is_neox_style=False)"
+            )
+        rot_dim = getattr(rotary, "rotary_dim", cache.shape[-1])
+        if rot_dim != head_dim or cache.shape[-1] != head_dim:
+            raise TokenButlerStartupError(
+                f"{what} needs a rotary embedding over the whole head (rotary_dim == head_dim {head_dim}); decoder "
+                f"layer {i} rotates {rot_dim} dims (table width {cache.shape[-1]})"
+            )
+        if found is None:
+            found = rotary
+        elif rotary is not found and (
+            cache.shape != found.cos_sin_cache.shape or not torch.equal(cache, found.cos_sin_cache.to(cache))
+        ):
+            raise TokenButlerStartupError(f"{what} needs one rotary table for all layers; decoder layer {i}'s differs")
+    if found is None:
+        raise TokenButlerStartupError(f"{what} needs the base's rotary angles, but this model runner serves no layer")
+    return found
+
+
+def _write_sketch_rope(pool, loc, keys, weight, rope) -> None:
+    """``butler_kernels.write_sketch`` of a format-2 sketch (``rope = (cos, sin, pairs)``), dispatched
+    like it (``BUTLER_KERNELS_IMPL``)."""
+    impl = default_impl()
+    if impl == "auto":
+        torch.ops.butler.write_sketch_rope(pool, loc, keys, weight, *rope)
+    elif impl == "triton":
+        sketch_write_triton(pool, loc, keys, weight, rope=rope)
+    else:
+        reference.write_sketch(pool, loc, keys, weight, rope=rope)
 
 
 @dataclass
@@ -365,7 +524,12 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             # (the selection, made by the producer, never reads the current token's)
             set_kv = getattr(pool.set_kv_buffer, "__wrapped__", pool.set_kv_buffer)
             set_kv(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
-            new_sketch = self.state.new_sketch(layer.layer_id, forward_batch.out_cache_loc, k, bs)
+            if self.state.position_consistent:
+                # format 2: the fused write takes no angles, so the sketch gets its own launch, before
+                # the attention (the selection never reads the current token: it is in the window)
+                self.state.write_sketch(layer.layer_id, forward_batch.out_cache_loc, k)
+            else:
+                new_sketch = self.state.new_sketch(layer.layer_id, forward_batch.out_cache_loc, k, bs)
         # Selected by the producer hook with the other layers of its producer; else here.
         selection = self.state.selections.get(layer.layer_id)
         out, _ = sparse_decode(
