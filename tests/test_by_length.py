@@ -133,6 +133,7 @@ def test_needle_scoring_on_hand_made_cases():
     sim = _FixedLogits({1: right, 2: one_wrong, 13: first_wrong}, V)
     r = _needle_accuracy(sim, [(ids, spans, 6, ["a", "b", "b"])], None, lambda L, P: None, "cpu")
     assert r["accuracy"] == pytest.approx(1 / 3) and r["samples"] == 3
+    assert r["token_accuracy"] == pytest.approx(7 / 9)  # 3 + 2 + 2 of the 3 x 3 answer tokens
     assert r["by_cell"] == {"a": 1.0, "b": 0.0}
     batches = needle_batches(make_needle_samples(char_tokenizer(), list(range(3, 90)) * 10, 120, [0.5], 3), 2)
     assert [b[0].shape for b in batches] == [torch.Size([2, 120]), torch.Size([1, 120])]

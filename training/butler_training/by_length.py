@@ -3,6 +3,7 @@ broken down by query position, layer and key distance, plus pass-key retrieval a
 
     butler-zoo eval --seq-lens 1024 2048 4096 8192 --out DIR [--predictor P] [--windows 8]
     python -m butler_training.by_length --seq-lens 1024 2048 4096 8192 --out DIR      # same options
+    python -m butler_training.by_length --merge OUT_DIR FILE...     # one eval_by_length.json from several runs
 
 For each length ``L`` it runs :func:`butler_training.evaluate.evaluate` on ``--windows`` held-out windows of
 ``L`` tokens (evenly spaced; prefill ``--prefill``; sinks/window as given; every method at every
@@ -39,7 +40,7 @@ from butler_training.evaluate import (
     make_plan,
 )
 
-__all__ = ["LengthEvalConfig", "evaluate_by_length", "main", "format_length_table"]
+__all__ = ["LengthEvalConfig", "evaluate_by_length", "main", "format_length_table", "merge_results"]
 
 TASK_METHODS = ("dense", "oracle", "tokenbutler", "streaming_llm", "h2o")
 
@@ -82,8 +83,11 @@ def _plan_fn(budget: float, sinks: int, window: int):
 
 @torch.no_grad()
 def _needle_accuracy(sim, batches, method, plan_fn, device) -> dict:
-    """Accuracy overall and by ``length@depth`` cell, over batches ``(ids, spans, prefill, cells)``."""
+    """Accuracy (every answer token right) overall and by ``length@depth`` cell, and token accuracy (the
+    fraction of answer tokens right: the key's first token comes from the dense prompt, the others are
+    decoded under the method), over batches ``(ids, spans, prefill, cells)``."""
     by: dict[str, list[int]] = {}
+    tokens_right = tokens = 0
     for ids, spans, prefill, cells in batches:
         hidden = sim.forward(ids.to(device), method, plan_fn(ids.shape[1], prefill))
         for b, ((s, e), cell) in enumerate(zip(spans, cells)):
@@ -91,8 +95,10 @@ def _needle_accuracy(sim, batches, method, plan_fn, device) -> dict:
             acc = by.setdefault(cell, [0, 0])
             acc[0] += int(torch.equal(pred, ids[b, s:e]))
             acc[1] += 1
+            tokens_right += int((pred == ids[b, s:e]).sum())
+            tokens += e - s
     correct, total = sum(v[0] for v in by.values()), sum(v[1] for v in by.values())
-    return {"accuracy": correct / max(total, 1), "samples": total,
+    return {"accuracy": correct / max(total, 1), "token_accuracy": tokens_right / max(tokens, 1), "samples": total,
             "by_cell": {k: round(v[0] / v[1], 4) for k, v in sorted(by.items())}}
 
 
@@ -190,7 +196,8 @@ def evaluate_by_length(cfg: LengthEvalConfig, *, model=None, tokenizer=None, pre
                 method = build_method(m, 1, predictor) if m != "dense" else None
                 r = _needle_accuracy(sim, batches, method, _plan_fn(f, cfg.sinks, cfg.window), device)
                 needle["results"].append({"method": m, "budget": f, **r})
-                print(f"needle {m:14s} {f:>5.0%}  accuracy {r['accuracy']:.3f}", file=sys.stderr, flush=True)
+                print(f"needle {m:14s} {f:>5.0%}  accuracy {r['accuracy']:.3f}  token accuracy {r['token_accuracy']:.3f}",
+                      file=sys.stderr, flush=True)
             result["needle"] = needle
             save()
         if cfg.coref_samples > 0 and result["coref"] is None:
@@ -231,6 +238,44 @@ def format_length_table(result: dict, metric: str = "ppl_rel", methods: Sequence
     return "\n".join(lines)
 
 
+def merge_results(paths: Sequence[str | Path], out: str | Path) -> dict:
+    """One ``eval_by_length.json`` from the lengths of several runs: each path is an ``eval_by_length.json``
+    (its lengths, pass-key and co-reference results) or the ``eval.json`` of one length (what a run that
+    stopped early left, ``DIR/len-L/eval.json``). Every length keeps the command, machine, versions and
+    windows of the run it came from (``sources``); a length given twice is an error."""
+    merged: dict = {"by_length": {}, "needle": None, "coref": None, "sources": {}}
+    for path in map(Path, paths):
+        data = json.loads(path.read_text())
+        prov = {"file": path.name, "command": data.get("command"), "machine": data.get("machine"),
+                "versions": data.get("versions"), "windows": data.get("windows")}
+        if "by_length" in data:
+            blocks = data["by_length"]
+            for key in ("needle", "coref"):
+                if data.get(key):
+                    if merged[key]:
+                        raise SystemExit(f"{path}: a second {key} result")
+                    merged[key] = {**data[key], "source": prov}
+        else:  # one length's eval.json
+            blocks = {str(data["seq_len"]): {"dense_ppl": data["dense_ppl"], "windows": data["windows"],
+                                             "results": data["results"]}}
+        for L, block in blocks.items():
+            if L in merged["by_length"]:
+                raise SystemExit(f"{path}: length {L} is already given by {merged['sources'][L]['file']}")
+            merged["by_length"][L] = block
+            merged["sources"][L] = prov
+        for key in ("base_model", "predictor", "predictor_format", "split", "prefill_len", "settings", "base_weights"):
+            if key in data and key not in merged:
+                merged[key] = data[key]
+            elif key in data and merged[key] != data[key] and key in ("split", "prefill_len"):
+                raise SystemExit(f"{path}: {key} {data[key]!r} differs from the other runs' {merged[key]!r}")
+    merged["seq_lens"] = sorted(int(L) for L in merged["by_length"])
+    merged["by_length"] = {str(L): merged["by_length"][str(L)] for L in merged["seq_lens"]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_by_length.json").write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = LengthEvalConfig()
     p = argparse.ArgumentParser(prog="butler-zoo eval --seq-lens", description=__doc__.split("\n\n")[0])
@@ -268,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--merge"]:
+        if len(argv) < 3:
+            raise SystemExit("usage: python -m butler_training.by_length --merge OUT_DIR FILE [FILE ...]")
+        merged = merge_results(argv[2:], argv[1])
+        print(format_length_table(merged))
+        return 0
     args = build_parser().parse_args(argv)
     cfg = config_from_args(LengthEvalConfig, args, prog_command or ("python -m butler_training.by_length " + " ".join(argv)))
     evaluate_by_length(cfg)
