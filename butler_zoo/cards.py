@@ -122,14 +122,14 @@ def _count_parameters(config: ButlerConfig) -> int:
 
 def _recipes():
     try:
-        from butler_training.recipes import all_recipes
+        from butler_zoo.recipes import all_recipes
     except ImportError as e:  # pragma: no cover - the training package ships in the same distribution
         raise ButlerError(f"the recipe registry (butler_training.recipes) cannot be imported: {e}") from e
     return all_recipes()
 
 
 def recipe_by_name(name: str):
-    from butler_training.recipes import get_recipe
+    from butler_zoo.recipes import get_recipe
 
     try:
         return get_recipe(name)

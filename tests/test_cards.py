@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from butler_training.recipes import all_recipes, get_recipe
+from butler_zoo.recipes import all_recipes, get_recipe
 from butler_zoo import cards
 from butler_zoo.cli import main
 from butler_zoo.compat import cache_kwarg, output_cache

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from butler_training.recipes import get_recipe
+    from butler_zoo.recipes import get_recipe
 
     config = ButlerConfig(**get_recipe("smollm2-135m-instruct").butler_config_kwargs())
     assert config.base_model_source == SMOLLM2_SOURCE

@@ -1,5 +1,7 @@
-"""Training recipes: one small file per base model, registered by name.
+"""The zoo's recipes: one small file per base model, registered by name.
 
+Zoo metadata (``butler-zoo list``, the model cards, ``butler-zoo push``) and the trainer's settings
+(``butler-zoo train --recipe NAME``) both come from here; ``butler_training.recipes`` re-exports it.
 A recipe fixes everything a predictor is trained with: the base and its shapes, the predictor's
 shape (G, d', I), sequence length, token count, data mix and the default decode policy. It runs
 wherever its base weights are available (local path, or the Hub when online); offline, only
@@ -11,8 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from butler_zoo.config import default_rope_pairs
+from butler_zoo.errors import ButlerError
 
-__all__ = ["Recipe", "register_recipe", "get_recipe", "all_recipes"]
+__all__ = ["Recipe", "UnknownRecipeError", "register_recipe", "get_recipe", "all_recipes", "recipe_names"]
+
+
+class UnknownRecipeError(ButlerError, KeyError):
+    """No recipe of that name (a ``KeyError`` too, for callers that look recipes up like a dict)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -88,14 +98,20 @@ def get_recipe(name: str) -> Recipe:
     try:
         return _RECIPES[name]
     except KeyError:
-        raise KeyError(f"unknown recipe {name!r}; available: {sorted(_RECIPES)}") from None
+        raise UnknownRecipeError(
+            f"unknown recipe {name!r}; the recipes are {', '.join(sorted(_RECIPES))} (`butler-zoo list`)"
+        ) from None
+
+
+def recipe_names() -> list[str]:
+    return sorted(_RECIPES)
 
 
 def all_recipes() -> list[Recipe]:
     return [_RECIPES[k] for k in sorted(_RECIPES)]
 
 
-from butler_training.recipes import (  # noqa: E402,F401  (each module registers its recipe)
+from butler_zoo.recipes import (  # noqa: E402,F401  (each module registers its recipe)
     llama2_7b,
     llama31_8b,
     llama32_1b,

@@ -1,4 +1,4 @@
-from butler_training.recipes import Recipe, register_recipe
+from butler_zoo.recipes import Recipe, register_recipe
 
 # MHA (32 KV heads): the per-KV-head selection is per head here.
 RECIPE = register_recipe(Recipe(

@@ -1,4 +1,4 @@
-from butler_training.recipes import Recipe, register_recipe
+from butler_zoo.recipes import Recipe, register_recipe
 
 RECIPE = register_recipe(Recipe(
     name="llama-3.1-8b", base_model="meta-llama/Llama-3.1-8B", model_type="llama", license="llama3.1",

@@ -1,4 +1,4 @@
-from butler_training.recipes import Recipe, register_recipe
+from butler_zoo.recipes import Recipe, register_recipe
 
 RECIPE = register_recipe(Recipe(
     name="llama-3.2-3b", base_model="meta-llama/Llama-3.2-3B", model_type="llama", license="llama3.2",

