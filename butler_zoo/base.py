@@ -78,11 +78,29 @@ def _from_pretrained_kwargs(spec: BaseSpec) -> dict:
     return kw
 
 
+def _check_local_base(spec: BaseSpec) -> None:
+    """A base override that reads as a local path but does not exist: say so instead of asking the Hub for it."""
+    from butler_zoo.hub import local_path_problem
+
+    path = str(spec["path"])
+    if not Path(path).expanduser().exists():
+        problem = local_path_problem(path, bare_names_are_ids=True)  # "gpt2"-style bare Hub ids exist for models
+        if problem:
+            raise ButlerError(f"base model: {problem}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_base_model(config: ButlerConfig, base_model: str | None = None, revision: str | None = None, **kwargs):
     """Load the base with ``AutoModelForCausalLM`` (``dtype``, ``device_map``... pass through)."""
     from transformers import AutoModelForCausalLM
 
     spec = resolve_base(config, base_model, revision)
+    if base_model is not None:
+        _check_local_base(spec)
     kwargs.setdefault("attn_implementation", "sdpa")
     try:
         return AutoModelForCausalLM.from_pretrained(spec["path"], **_from_pretrained_kwargs(spec), **kwargs)
@@ -90,8 +108,8 @@ def load_base_model(config: ButlerConfig, base_model: str | None = None, revisio
         raise ButlerError(
             f"could not load the base model {spec['path']}"
             + (f"@{spec['revision']}" if spec.get("revision") else "")
-            + f" that this predictor was trained for ({e}). Pass base_model=<local folder> if you have the weights "
-            "elsewhere, or download them with `hf download` while online."
+            + f" that this predictor was trained for ({_first_line(e)}). Pass base_model=<local folder> if you have the "
+            "weights elsewhere, or download them with `hf download` while online."
         ) from e
 
 
@@ -155,10 +173,12 @@ def load_tokenizer(config: ButlerConfig, base_model: str | None = None, revision
     from transformers import AutoTokenizer
 
     spec = resolve_base(config, base_model, revision)
+    if base_model is not None:
+        _check_local_base(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec["path"], **_from_pretrained_kwargs(spec))
     except OSError as e:
-        raise ButlerError(f"could not load the tokenizer of {spec['path']}: {e}") from e
+        raise ButlerError(f"could not load the tokenizer of {spec['path']}: {_first_line(e)}") from e
     gguf_path = gguf_file_path(spec)
     if gguf_path is not None:
         repair_gguf_tokenizer(tokenizer, gguf_path)

@@ -23,3 +23,21 @@ class UnsupportedModelError(ButlerError, NotImplementedError):
 
 class BudgetError(ButlerError, ValueError):
     """A sparse-decode policy value (budget, sinks, window, interval) is out of range."""
+
+
+# Exception class names (anywhere in a class's MRO) that mean "the network or the server could not be
+# reached": httpx's (huggingface_hub >= 1.0), requests' and the builtin ones. Matched by name, so that
+# recognising one never imports a network library.
+_NETWORK_ERRORS = frozenset({"TransportError", "ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException",
+                             "NetworkError", "ConnectionError", "URLError"})
+
+
+def network_cause(e: BaseException | None) -> BaseException | None:
+    """The connection, DNS or timeout failure in ``e``'s chain (``__cause__`` / ``__context__``), or ``None``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(cls.__name__ in _NETWORK_ERRORS for cls in type(e).__mro__):
+            return e
+        e = e.__cause__ or e.__context__
+    return None

@@ -40,6 +40,7 @@ from butler_zoo.errors import ButlerError, PredictorWeightsError
 
 __all__ = [
     "resolve_predictor_files",
+    "local_path_problem",
     "check_repo_id",
     "local_hub_repo_dir",
     "serve_local_hub",
@@ -77,10 +78,7 @@ def resolve_predictor_files(
         return local / CONFIG_NAME, local / WEIGHTS_NAME
     if local.exists():
         raise ButlerError(f"{local} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    if model_id.count("/") != 1 or model_id.startswith(("/", ".", "~")):
-        raise ButlerError(
-            f"{model_id!r} is neither an existing folder nor a Hub repo id of the form ORG/NAME"
-        )
+    problem = local_path_problem(str(model_id))
     kwargs = dict(
         repo_id=model_id,
         revision=revision,
@@ -90,6 +88,16 @@ def resolve_predictor_files(
         token=token,
     )
     where = f"{model_id}" + (f"@{revision}" if revision else "")
+    if problem and not _is_repo_id_form(model_id):
+        raise ButlerError(problem)
+    if problem:
+        # ORG/NAME whose ORG is a folder here: read as a local path, never sent to the Hub; a repo of that
+        # name already in the local cache still loads.
+        try:
+            return (Path(hf_hub_download(filename=CONFIG_NAME, **{**kwargs, "local_files_only": True})),
+                    Path(hf_hub_download(filename=WEIGHTS_NAME, **{**kwargs, "local_files_only": True})))
+        except Exception as e:  # noqa: BLE001 - any failure means "not in the cache": report the missing folder
+            raise ButlerError(problem) from e
     try:
         config = hf_hub_download(filename=CONFIG_NAME, **kwargs)
     except RevisionNotFoundError as e:
@@ -100,8 +108,9 @@ def resolve_predictor_files(
         raise ButlerError(_not_found_message(model_id, revision, token, where)) from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise ButlerError(
-            f"{where} is not in the local Hugging Face cache and the Hub cannot be reached (offline mode or no network). "
-            f"Download it once with `hf download {model_id}` while online, or pass a local folder"
+            f"{where} is not in the local Hugging Face cache and the Hub cannot be reached (offline mode or no network), "
+            f"and there is no folder {model_id} here. Download it once with `hf download {model_id}` while online, "
+            "or pass a local folder"
         ) from e
     except EntryNotFoundError as e:
         raise ButlerError(f"{where} has no {CONFIG_NAME}: it is not a butler-zoo predictor repo") from e
@@ -114,6 +123,30 @@ def resolve_predictor_files(
     except HfHubHTTPError as e:
         raise PredictorWeightsError(f"could not fetch {WEIGHTS_NAME} of {where}: {e}") from e
     return Path(config), Path(weights)
+
+
+def local_path_problem(name: str, *, bare_names_are_ids: bool = False) -> str | None:
+    """Why ``name``, which is not an existing path, must be a local path the user mistyped rather than a Hub
+    repo id; ``None`` if it may be a repo id (``ORG/NAME`` whose ``ORG`` is no folder here).
+
+    A name is read as a local path when it starts like one (``/``, ``.``, ``~``), has several ``/`` (or
+    none, unless ``bare_names_are_ids``: some base models have ids like ``gpt2``), or its first part is an
+    existing folder (``runs/my-predictor`` with ``runs/`` here)."""
+    if name.count("/") != 0 and not _is_repo_id_form(name):
+        return f"no such folder: {name}; check the path (a Hub repo id has the form ORG/NAME)"
+    if name.count("/") == 0:
+        if bare_names_are_ids and not name.startswith((".", "~")):
+            return None
+        return f"no such folder: {name!r} (and it is not a Hub repo id, which has the form ORG/NAME); check the name"
+    first = name.split("/")[0]
+    if Path(first).is_dir():
+        return (f"no such folder: {name} (the folder {first}/ exists here, so {name!r} is read as a local path); check "
+                f"the path, or for the Hub repo {name} run `hf download {name}` first (a repo in the local cache is found)")
+    return None
+
+
+def _is_repo_id_form(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith(("/", ".", "~")) and "\\" not in name
 
 
 def _endpoint() -> str:
@@ -130,7 +163,8 @@ def _not_found_message(repo_id: str, revision: str | None, token, where: str) ->
     try:
         refs = api.list_repo_refs(repo_id, token=token)
     except Exception:  # noqa: BLE001 - a diagnosis must not replace the original error
-        return f"predictor repo {repo_id} not found on {_endpoint()} (or it is private: pass token=... or run `hf auth login`)"
+        return (f"predictor repo {repo_id} not found on {_endpoint()} (or it is private: pass token=... or run `hf auth login`), "
+                f"and there is no folder {repo_id} here; check the name")
     try:
         api.model_info(repo_id, revision=revision or "main", token=token)
     except Exception:  # noqa: BLE001

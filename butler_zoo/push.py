@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from butler_zoo.config import CONFIG_NAME, WEIGHTS_NAME, ButlerConfig
-from butler_zoo.errors import ButlerError
+from butler_zoo.errors import ButlerError, network_cause
 from butler_zoo.hub import CARD_NAME, EXPORT_FILES, REPO_FILES, check_repo_id, local_hub_repo_dir
 
 __all__ = ["PushError", "RepoFolder", "PushResult", "check_upload_allowed", "build_repo_folder", "push_predictor",
@@ -211,17 +211,31 @@ def push_predictor(
 def _upload(folder: RepoFolder, repo_id: str, *, revision, private, token, endpoint) -> PushResult:
     from huggingface_hub import HfApi
 
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        repo_type="model",
-        folder_path=str(folder.path),
-        revision=revision,
-        commit_message=folder.commit_message,
-    )
+    where = api.endpoint
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder.path),
+            revision=revision,
+            commit_message=folder.commit_message,
+        )
+    except HfHubHTTPError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PushError(f"the Hub at {where} answered the upload to {repo_id} with an error ({first}); check the repo id "
+                        "and that your token may write to it (`hf auth whoami`)") from e
+    except Exception as e:
+        if network_cause(e) is None:
+            raise
+        raise PushError(f"cannot push: the Hub at {where} cannot be reached ({type(e).__name__}: {e}). Check the network "
+                        "connection and HF_ENDPOINT, or use --dry-run to only build the repo folder, or --to-local-hub DIR "
+                        "to commit it to a local hub") from e
     return PushResult(folder, repo_id, revision, "hub", commit_oid=info.oid, commit_url=info.commit_url)
 
 
@@ -277,11 +291,12 @@ def commit_to_local_hub(folder: RepoFolder, hub_dir: str | Path, repo_id: str, *
     return sha
 
 
-def dry_run_report(result: PushResult, *, revision: str | None, private: bool) -> str:
-    """What a dry run would upload, as printed by ``butler-zoo push --dry-run``."""
+def dry_run_report(result: PushResult, *, revision: str | None, private: bool, kept: bool = True) -> str:
+    """What a dry run would upload, as printed by ``butler-zoo push --dry-run`` (``kept``: the folder stays)."""
     f = result.folder
+    where = f"Repo folder: {f.path}" if kept else "The repo folder was temporary and is removed (--out-dir DIR keeps it)."
     lines = [
-        f"dry run: nothing uploaded. Repo folder: {f.path}",
+        f"dry run: nothing uploaded. {where}",
         f"would upload to {result.repo_id} (branch {revision or 'main'}, {'private' if private else 'public'}) with "
         "huggingface_hub create_repo + upload_folder:",
         *[f"  {line}" for line in f.describe()],

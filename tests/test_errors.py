@@ -162,9 +162,15 @@ def test_invalid_config_values():
                      num_attention_heads=4, num_key_value_heads=3, head_dim=16)
 
 
-def test_not_a_folder_nor_repo_id(tmp_path):
-    with pytest.raises(ButlerError, match="neither an existing folder nor a Hub repo id"):
+def test_not_a_folder_nor_repo_id(tmp_path, monkeypatch):
+    with pytest.raises(ButlerError, match="no such folder: .*does/not/exist; check the path"):
         ButlerPredictor.from_pretrained(tmp_path / "does" / "not" / "exist")
+    # ORG/NAME whose ORG is a folder here reads as a mistyped local path: no Hub request
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ButlerError, match="no such folder: runs/my-predictor .*runs/ exists here"):
+        ButlerPredictor.from_pretrained("runs/my-predictor")
 
 
 def test_unsupported_attention_implementation():

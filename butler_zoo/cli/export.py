@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
+from butler_zoo.cli.options import OutPath
 from butler_zoo.errors import ButlerError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -13,7 +12,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @click.command("export")
 @click.argument("predictor", metavar="PATH_OR_REPO_ID")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.pt2",
+@click.option("--out", required=True, type=OutPath("file"), metavar="FILE.pt2",
               help="The producer-step program; the score step goes next to it as FILE-score.pt2.")
 @click.option("--producer", type=click.IntRange(min=0), default=None,
               help="Export only producer K (hidden [B, E] -> queries), the unit a decode loop calls. Default: all producers at once.")
@@ -46,20 +45,17 @@ def export_cmd(predictor, out, producer, score, revision, dtype, check):
     from butler_zoo.export import check_exported, export_predictor
     from butler_zoo.predictor import ButlerPredictor
 
-    try:
-        model = ButlerPredictor.from_pretrained(predictor, revision=revision).to(getattr(torch, dtype)).eval()
-        paths = export_predictor(model, out, producer=producer, score=score)
-        tol = 1e-5 if dtype == "float32" else 1e-2
-        for path in paths:
-            line = f"wrote {path} ({path.stat().st_size:,} bytes)"
-            if check:
-                diff = check_exported(path, model)
-                if diff > tol:
-                    raise ButlerError(f"{path}: the reloaded program differs from eager by {diff:.3g} (> {tol:g})")
-                line += f"; reloaded with torch.export.load, max |exported - eager| = {diff:.3g}"
-            click.echo(line)
-    except ButlerError as e:
-        raise click.ClickException(str(e)) from e
+    model = ButlerPredictor.from_pretrained(predictor, revision=revision).to(getattr(torch, dtype)).eval()
+    paths = export_predictor(model, out, producer=producer, score=score)
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    for path in paths:
+        line = f"wrote {path} ({path.stat().st_size:,} bytes)"
+        if check:
+            diff = check_exported(path, model)
+            if diff > tol:
+                raise ButlerError(f"{path}: the reloaded program differs from eager by {diff:.3g} (> {tol:g})")
+            line += f"; reloaded with torch.export.load, max |exported - eager| = {diff:.3g}"
+        click.echo(line)
 
 
 def register(main: click.Group) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 
 import click
-import torch
 
 from butler_zoo.cli.options import policy_options
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 
 def _device(name: str) -> str:
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -71,11 +72,16 @@ def generate_cmd(prompt, predictor, base_model, revision, budget, sinks, window,
       butler-zoo generate "The capital of France is" --no-chat -n 8
       butler-zoo generate "Write a haiku about tea." --budget 10% --compare-dense
     """
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty; give the text to continue, e.g. butler-zoo generate \"Hello\"",
+                                 param_hint="'PROMPT'")
+    import torch
+
     from butler_zoo.auto import AutoButler
     from butler_zoo.zoo import default_predictor
 
     device = _device(device)
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     predictor = predictor or str(default_predictor())
     click.echo(f"Loading {predictor} ...", err=True)
     model = AutoButler.from_pretrained(
@@ -84,6 +90,9 @@ def generate_cmd(prompt, predictor, base_model, revision, budget, sinks, window,
     ).to(device)
     tokenizer = AutoButler.tokenizer(predictor, base_model=base_model, revision=revision)
     input_ids, attention_mask = (t.to(device) for t in _encode(tokenizer, prompt, chat))
+    if input_ids.shape[1] == 0:
+        raise click.BadParameter(f"the prompt {prompt!r} encodes to no tokens; give some text (or drop --no-chat)",
+                                 param_hint="'PROMPT'")
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     click.echo(f"Policy: {model.butler.policy.describe()}", err=True)
 

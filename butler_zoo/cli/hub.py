@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import click
 
-from butler_zoo.errors import ButlerError
+from butler_zoo.cli.options import OutPath, check_output_path
 
-_SEARCH = click.option("--search", "search_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+_SEARCH = click.option("--search", "search_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
                        metavar="DIR", help="Also look for trained predictors in DIR/<repo name> (repeatable). "
                        "Predictors shipped with butler-zoo are always found.")
 
@@ -20,8 +21,8 @@ _SEARCH = click.option("--search", "search_dirs", multiple=True, type=click.Path
 @click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (created from main if new). Default: main.")
 @click.option("--private", is_flag=True, help="Create the repo as private (ignored if it exists).")
 @click.option("--dry-run", is_flag=True, help="Build the repo folder and print what would be uploaded; upload nothing.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Build the repo folder here (kept). Default: a temporary folder.")
+@click.option("--out-dir", type=OutPath("dir"), default=None,
+              help="Build the repo folder here (kept). Default: a temporary folder, removed when done.")
 @click.option("--export", "export", is_flag=True, help="Add torch.export programs (predictor.pt2, predictor-score.pt2).")
 @click.option("--to-local-hub", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Commit to the git repo DIR/models/ORG/NAME instead of uploading (the layout olah serves).")
@@ -45,11 +46,15 @@ def push_cmd(predictor_dir, repo_id, revision, private, dry_run, out_dir, export
 
     if dry_run and to_local_hub is not None:
         raise click.UsageError("--dry-run and --to-local-hub exclude each other")
-    try:
-        result = push_predictor(predictor_dir, repo_id, revision=revision, private=private, token=token, dry_run=dry_run,
-                                out_dir=out_dir, export=export, to_local_hub=to_local_hub, recipe=recipe)
-    except ButlerError as e:
-        raise click.ClickException(str(e)) from e
+    if dry_run and out_dir is None:
+        # push_predictor keeps a dry run's folder (its caller reads it); here it is only reported, then removed.
+        with tempfile.TemporaryDirectory(prefix=f"butler-push-{repo_id.split('/')[-1]}-") as tmp:
+            result = push_predictor(predictor_dir, repo_id, revision=revision, private=private, token=token, dry_run=True,
+                                    out_dir=tmp, export=export, recipe=recipe)
+            click.echo(result_json(result) if as_json else dry_run_report(result, revision=revision, private=private, kept=False))
+        return
+    result = push_predictor(predictor_dir, repo_id, revision=revision, private=private, token=token, dry_run=dry_run,
+                            out_dir=out_dir, export=export, to_local_hub=to_local_hub, recipe=recipe)
     if as_json:
         click.echo(result_json(result))
     elif dry_run:
@@ -73,6 +78,11 @@ def list_cmd(search_dirs, markdown, as_json):
     from butler_zoo.cards import zoo_index, zoo_markdown_table
 
     entries = zoo_index(list(search_dirs))
+    for d in search_dirs:
+        if not any(e.folder is not None and e.folder.parent.resolve() == d.resolve() for e in entries):
+            click.echo(f"note: no trained predictor in {d} (looked for {d}/<repo name>/config.json, e.g. "
+                       f"{d / entries[0].repo_id.split('/')[-1]} for {entries[0].recipe})" if entries else
+                       f"note: no trained predictor in {d}", err=True)
     if as_json:
         click.echo(json.dumps([{**e.__dict__, "folder": str(e.folder) if e.folder else None} for e in entries], indent=2))
         return
@@ -89,7 +99,7 @@ def list_cmd(search_dirs, markdown, as_json):
 @click.command("card")
 @click.argument("target", required=False, metavar="[RECIPE_OR_DIR]")
 @click.option("--all", "all_recipes", is_flag=True, help="Write the card of every recipe and the index into --out-dir.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the card here (default: print it).")
+@click.option("--out", type=OutPath("file"), default=None, help="Write the card here (default: print it).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("model_cards"), show_default=True,
               help="With --all: the folder of the cards.")
 @click.option("--check", is_flag=True, help="With --all: fail if the cards in --out-dir differ from freshly generated ones.")
@@ -113,22 +123,21 @@ def card_cmd(target, all_recipes, out, out_dir, check, repo_id, recipe, template
     """
     from butler_zoo import cards
 
-    try:
-        if all_recipes:
-            if target:
-                raise click.UsageError("give either RECIPE_OR_DIR or --all")
-            _all_cards(cards, out_dir, check, list(search_dirs), template)
-            return
-        if not target:
-            raise click.UsageError("give a recipe name or a predictor folder, or --all (recipes: `butler-zoo list`)")
-        if Path(target).is_dir():
-            inputs = cards.card_inputs_for_folder(target, repo_id=repo_id, recipe=cards.recipe_by_name(recipe) if recipe else None)
-        else:
-            inputs = cards.card_inputs_for_recipe(cards.recipe_by_name(target), list(search_dirs))
-        card = cards.build_card(inputs, template)
-        cards.validate_card(card, eval_json=inputs.eval)
-    except ButlerError as e:
-        raise click.ClickException(str(e)) from e
+    if all_recipes:
+        if target:
+            raise click.UsageError("give either RECIPE_OR_DIR or --all")
+        if not check:
+            check_output_path(out_dir, "dir", "--out-dir")
+        _all_cards(cards, out_dir, check, list(search_dirs), template)
+        return
+    if not target:
+        raise click.UsageError("give a recipe name or a predictor folder, or --all (recipes: `butler-zoo list`)")
+    if Path(target).is_dir():
+        inputs = cards.card_inputs_for_folder(target, repo_id=repo_id, recipe=cards.recipe_by_name(recipe) if recipe else None)
+    else:
+        inputs = cards.card_inputs_for_recipe(cards.recipe_by_name(target), list(search_dirs))
+    card = cards.build_card(inputs, template)
+    cards.validate_card(card, eval_json=inputs.eval)
     if out is None:
         click.echo(str(card), nl=False)
     else:

@@ -3,8 +3,39 @@
 from __future__ import annotations
 
 import json
+import re
 
 import click
+
+# An absolute path in a recorded value: a folder of the machine the predictor was trained on.
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[^\s/()]+/)*([^\s/()]+)")
+
+
+def _value(v) -> str:
+    """One recorded value in words: numbers with separators, lists joined, machine-local paths cut."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if v is not None else "none"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e6 else f"{v:,.0f}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value(x) for x in v) or "none"
+    return _ABS_PATH.sub(lambda m: f".../{m.group(1)}", str(v))
+
+
+def _training_lines(training: dict, indent: str = "  ") -> list[str]:
+    lines = []
+    for key, v in sorted(training.items()):
+        if key == "base_weights" and isinstance(v, str):
+            m = re.fullmatch(r"(/\S+) \((.+)\)", v)  # "<folder on the training machine> (<file>)"
+            v = f"{m.group(2)} (a local copy)" if m else v
+        if isinstance(v, dict):
+            lines.append(f"{indent}{key}:")
+            lines += _training_lines(v, indent + "  ")
+        else:
+            lines.append(f"{indent}{key}: {_value(v)}")
+    return lines
 
 
 @click.command("info")
@@ -18,6 +49,7 @@ def info_cmd(predictor, revision, as_json):
     from butler_zoo.predictor import ButlerPredictor
     from butler_zoo.zoo import default_predictor
 
+    shipped = predictor is None
     predictor = predictor or str(default_predictor())
     p = ButlerPredictor.from_pretrained(predictor, revision=revision)
     c = p.config
@@ -26,7 +58,7 @@ def info_cmd(predictor, revision, as_json):
         return
     rev = f" @ {c.base_model_revision}" if c.base_model_revision else ""
     lines = [
-        f"predictor:      {predictor}",
+        f"predictor:      {predictor}" + (" (the default, shipped with butler-zoo)" if shipped else ""),
         f"base model:     {c.base_model}{rev} (model_type {c.base_model_type})",
     ]
     if c.base_model_source:
@@ -43,7 +75,7 @@ def info_cmd(predictor, revision, as_json):
     ]
     if c.training:
         lines.append("training:")
-        lines += [f"  {k}: {v}" for k, v in sorted(c.training.items())]
+        lines += _training_lines(c.training)
     else:
         lines.append("training:       none recorded (untrained or hand-made predictor)")
     click.echo("\n".join(lines))

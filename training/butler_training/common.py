@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-
 import datetime
 import os
 import platform
@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "BaseLocation",
+    "HelpFormatter",
     "describe_machine",
     "git_commit",
     "load_base",
@@ -26,6 +27,22 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` that states an option's default once: ``(default: X)`` is added only where the help text
+    does not already speak of its default and there is one worth stating (not ``None``, an empty list or a
+    ``store_true`` / ``store_false`` flag's, whose default is "off" / "on" by its name)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or not action.option_strings or default in (None, argparse.SUPPRESS)
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or (isinstance(default, (list, tuple)) and not default)):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 class BaseLocation(dict):

