@@ -33,6 +33,7 @@ from butler_training.evaluate import (
     DEFAULT_DATA,
     DecodeSimulator,
     EvalConfig,
+    EvalInputs,
     build_method,
     coref_accuracy,
     evaluate,
@@ -46,13 +47,7 @@ TASK_METHODS = ("dense", "oracle", "tokenbutler", "streaming_llm", "h2o")
 
 
 @dataclasses.dataclass
-class LengthEvalConfig:
-    out: str | None = None
-    predictor: str | None = None
-    base_model: str | None = None
-    gguf_file: str | None = None
-    data: list[str] | None = None
-    data_dir: str | None = None
+class LengthEvalConfig(EvalInputs):
     seq_lens: list[int] = dataclasses.field(default_factory=lambda: [1024, 2048, 4096, 8192])
     windows: int = 8
     prefill: int = 128
@@ -69,12 +64,6 @@ class LengthEvalConfig:
     coref_prefill: int = 32
     task_methods: list[str] = dataclasses.field(default_factory=lambda: list(TASK_METHODS))
     task_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.25])
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    resume: bool = False
-    plot: bool = True
-    command: str | None = None
 
 
 def _plan_fn(budget: float, sinks: int, window: int):

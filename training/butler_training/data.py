@@ -235,6 +235,17 @@ def _extract_debs(dest: Path, into: Path) -> None:
         _run(["dpkg-deb", "-x", str(deb), str(into)], "dpkg-deb -x", hint=_APT_HINT)
 
 
+def _debian_tree(packages: Sequence[str], work: Path) -> tuple[list[dict], Path]:
+    """Download ``packages`` into ``work/debs`` and unpack them into ``work/tree``; returns their
+    provenance records and the tree."""
+    debs = work / "debs"
+    debs.mkdir()
+    records = _apt_download(packages, debs)
+    tree = work / "tree"
+    _extract_debs(debs, tree)
+    return records, tree
+
+
 _VERSE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
 
@@ -264,11 +275,7 @@ def _kjv_books(bible_output: str) -> dict[str, str]:
 
 
 def _fetch_kjv(work: Path, out: Path) -> dict:
-    debs = work / "debs"
-    debs.mkdir()
-    packages = _apt_download(KJV_PACKAGES, debs)
-    tree = work / "tree"
-    _extract_debs(debs, tree)
+    packages, tree = _debian_tree(KJV_PACKAGES, work)
     bible = tree / "usr" / "bin" / "bible"
     text = _run([str(bible), "-f", "-p", str(tree / "usr" / "lib"), "gen1:1-rev22:21"], "bible (from bible-kjv)")
     for stem, body in _kjv_books(text).items():
@@ -327,11 +334,7 @@ def _fetch_shakespeare(work: Path, out: Path) -> dict:
 
 
 def _fetch_fortunes(work: Path, out: Path) -> dict:
-    debs = work / "debs"
-    debs.mkdir()
-    packages = _apt_download(FORTUNES_PACKAGES, debs)
-    tree = work / "tree"
-    _extract_debs(debs, tree)
+    packages, tree = _debian_tree(FORTUNES_PACKAGES, work)
     folder = tree / "usr" / "share" / "games" / "fortunes"
     n = 0
     for path in sorted(folder.iterdir()):
@@ -348,11 +351,7 @@ def _fetch_fortunes(work: Path, out: Path) -> dict:
 
 
 def _fetch_pydocs(work: Path, out: Path) -> dict:
-    debs = work / "debs"
-    debs.mkdir()
-    packages = _apt_download(PYDOCS_PACKAGES, debs)
-    tree = work / "tree"
-    _extract_debs(debs, tree)
+    packages, tree = _debian_tree(PYDOCS_PACKAGES, work)
     folder = tree / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
     n = 0
     for path in sorted(folder.rglob("*.rst.txt")):

@@ -56,7 +56,7 @@ from butler_training.probe import (
     topk_overlap,
 )
 
-__all__ = ["EvalConfig", "DecodeSimulator", "evaluate", "load_for_eval", "main", "make_plan", "build_method", "DEFAULT_DATA"]
+__all__ = ["EvalInputs", "EvalConfig", "DecodeSimulator", "evaluate", "load_for_eval", "main", "make_plan", "build_method", "DEFAULT_DATA"]
 
 EVAL_IMPLEMENTATION = "butler_eval"
 DEFAULT_DATA = ("kjv:heldout", "shakespeare:heldout", "fortunes:heldout", "pydocs:heldout")
@@ -320,13 +320,25 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class EvalInputs:
+    """What every evaluation reads and where it runs (:func:`load_for_eval`); the protocols add theirs."""
+
     out: str | None = None
     predictor: str | None = None
     base_model: str | None = None
     gguf_file: str | None = None
     data: list[str] | None = None
     data_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    resume: bool = False
+    plot: bool = True
+    command: str | None = None
+
+
+@dataclasses.dataclass
+class EvalConfig(EvalInputs):
     seq_len: int = 1024
     prefill: int = 128
     windows: int = 32
@@ -348,20 +360,14 @@ class EvalConfig:
     gen_prompt_len: int = 256
     gen_tokens: int = 32
     gen_budgets: list[float] | None = None  # None: every fraction
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    resume: bool = False
-    plot: bool = True
     check: bool = False
-    command: str | None = None
 
 
 def _key(r: dict) -> tuple:
     return (r["method"], r.get("interval"), r["budget_kind"], float(r["budget"]))
 
 
-def load_for_eval(cfg, *, model=None, tokenizer=None, predictor=None):
+def load_for_eval(cfg: EvalInputs, *, model=None, tokenizer=None, predictor=None):
     """``(model, tokenizer, predictor, base description)`` for an evaluation: what is given, else the
     predictor of ``cfg.predictor`` (default: the shipped one) and the base it pins (or ``cfg.base_model``),
     on ``cfg.device`` in ``cfg.dtype``."""

@@ -279,19 +279,13 @@ def mass_recall(allowed: torch.Tensor, probe: AttentionProbe, plan: DecodePlan) 
     the mean over the group's query heads of the mass each keeps; per query head masks against each
     head's own attention."""
     _check_plan(probe, plan)
-    h = allowed.shape[1] if allowed.dim() == 4 else 1
-    if h == probe.num_heads:
-        p = probe.probs()
-    elif h in (1, probe.num_kv_heads):
-        p = probe.group_probs()
-    else:
-        raise ValueError(f"allowed has {h} heads; the probe has {probe.num_heads} query / {probe.num_kv_heads} KV heads")
-    rows = _decode_rows(allowed, plan)
-    kept = (p[..., plan.prefill_len :, :] * rows).sum(-1)
-    return float(kept.mean())
+    kept, _ = _kept_and_teacher(allowed, probe, plan)
+    return float(kept.sum(-1).mean())
 
 
 def _kept_and_teacher(allowed: torch.Tensor, probe: AttentionProbe, plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p * allowed, p)`` over the decode rows: the attention ``p`` a mask of ``allowed``'s heads is scored
+    against (each query head's own, or the group mean for per-KV-head and shared masks), kept and whole."""
     h = allowed.shape[1] if allowed.dim() == 4 else 1
     if h == probe.num_heads:
         p = probe.probs()
