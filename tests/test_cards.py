@@ -97,7 +97,8 @@ def test_every_recipe_card_validates(recipe):
     r = get_recipe(recipe)
     inputs = cards.card_inputs_for_recipe(r)
     card = cards.card_for_recipe(recipe)
-    checks = cards.validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra)
+    checks = cards.validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra,
+                            eval_by_length_json=inputs.eval_by_length)
     data = card.data.to_dict()
     if cards.find_trained_predictor(r) is None:
         assert "recipe-only: first line says so, no results" in checks
@@ -126,7 +127,8 @@ def test_committed_cards_are_current_and_valid():
         path = committed / f"{r.name}.md"
         assert metadata_load(path)["base_model"] == r.base_model
         inputs = cards.card_inputs_for_recipe(r)
-        cards.validate_card(path.read_text(), eval_json=inputs.eval, eval_extra_json=inputs.eval_extra)
+        cards.validate_card(path.read_text(), eval_json=inputs.eval, eval_extra_json=inputs.eval_extra,
+                            eval_by_length_json=inputs.eval_by_length)
     assert "| recipe | base model |" in (committed / "README.md").read_text()
 
 
@@ -139,7 +141,8 @@ def test_shipped_predictor_cards_match_their_eval_json():
         if inputs.eval is None:
             assert "model-index" not in card.data.to_dict()
             continue
-        cards.validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra)
+        cards.validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra,
+                            eval_by_length_json=inputs.eval_by_length)
 
 
 # ----- cards of trained predictors: numbers come from eval.json ------------------------------------------
@@ -224,21 +227,52 @@ def test_list_shows_every_recipe_and_finds_trained_predictors(tmp_path, measured
 
 
 def test_readme_tables_are_current():
-    """The README's zoo table is `butler-zoo list --markdown` and its SmolLM2 results row is the shipped eval.json."""
+    """The README's zoo table is `butler-zoo list --markdown` and its SmolLM2 results table is the shipped
+    eval_by_length.json (perplexity / dense by context length and budget)."""
     readme = (REPO_ROOT / "README.md").read_text()
     listing = CliRunner().invoke(main, ["list", "--markdown"])
     assert listing.exit_code == 0, listing.output
     assert listing.output.strip() in readme, "README zoo table is stale: paste `butler-zoo list --markdown`"
     r = get_recipe("smollm2-135m-instruct")
-    ev = cards.card_inputs_for_recipe(r).eval
-    assert ev is not None, "the SmolLM2 predictor ships with its eval.json"
-    for method, label in (("tokenbutler", "**TokenButler** (interval 1)"), ("oracle", "oracle (true attention, same policy)"),
-                          ("streaming_llm", "StreamingLLM"), ("random", "random")):
-        rows = {round(x["budget"], 2): x["ppl_rel"] for x in ev["results"]
-                if x["method"] == method and x["budget_kind"] == "fraction" and x.get("interval") in (None, 1)}
-        line = next(ln for ln in readme.splitlines() if ln.startswith(f"| {label} |"))
-        cells = [c.strip().strip("*") for c in line.split("|")[2:-1]]
-        assert cells == [f"{rows[f]:.4f}" for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)], (method, cells)
+    ev = cards.card_inputs_for_recipe(r).eval_by_length
+    assert ev is not None, "the SmolLM2 predictor ships with its eval_by_length.json"
+    header = "| context | budget | **TokenButler** | oracle (true attention, same policy) | StreamingLLM | H2O | Quest |"
+    rows = cards._table_after(readme, header)
+    assert len(rows) >= 8
+    for line in rows:
+        cells = [c.strip().strip("*") for c in line.split("|")[1:-1]]
+        block = ev["by_length"][cells[0].replace(",", "")]
+        by = {(x["method"], round(100 * x["budget"])): x["ppl_rel"] for x in block["results"] if x["budget_kind"] == "fraction"}
+        budget = int(cells[1].rstrip("%"))
+        for method, cell in zip(("tokenbutler", "oracle", "streaming_llm", "h2o", "quest"), cells[2:]):
+            want = f"{by[(method, budget)]:.4f}" if (method, budget) in by else "–"
+            assert cell == want, (cells[0], budget, method, cell, want)
+
+
+def test_by_length_table_comes_from_eval_by_length_json(tmp_path, measured_dir):
+    """eval_by_length.json gets its own table in the card, with each length's run; a changed number fails."""
+    import shutil
+
+    folder, ev = measured_dir
+    work = tmp_path / folder.name
+    shutil.copytree(folder, work)
+    block = {"dense_ppl": ev["dense_ppl"], "windows": ev["windows"], "results": ev["results"]}
+    by_length = {"split": ev["split"], "prefill_len": ev["prefill_len"], "settings": {"sinks": 2, "window": 4},
+                 "by_length": {"64": block, "128": block},
+                 "sources": {"64": {"command": "TEST FIXTURE: run A", "machine": "m"}, "128": {"command": "TEST FIXTURE: run B"}}}
+    (work / "eval_by_length.json").write_text(json.dumps(by_length))
+    inputs = cards.card_inputs_for_folder(work, repo_id="test-org/tiny-butler")
+    assert inputs.eval_by_length == by_length and "eval_by_length.json" in inputs.files
+    text = str(cards.build_card(inputs))
+    checks = cards.validate_card(text, eval_json=ev, eval_by_length_json=by_length)
+    assert "by-length table equals eval_by_length.json" in checks
+    assert "### Quality by context length" in text and "`TEST FIXTURE: run B`" in text
+    row = next(r for r in ev["results"] if r["method"] != "dense" and r["budget_kind"] == "fraction")
+    assert f"| 128 | {100 * row['budget']:g}% |" in text
+    tampered = json.loads(json.dumps(by_length))
+    tampered["by_length"]["128"]["results"][-1]["ppl_rel"] += 0.25
+    with pytest.raises(ButlerError, match="by-length table differs"):
+        cards.validate_card(text, eval_by_length_json=tampered)
 
 
 def test_further_evaluation_table_comes_from_eval_extra_json(tmp_path, measured_dir):

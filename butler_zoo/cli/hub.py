@@ -137,7 +137,7 @@ def card_cmd(target, all_recipes, out, out_dir, check, repo_id, recipe, template
     else:
         inputs = cards.card_inputs_for_recipe(cards.recipe_by_name(target), list(search_dirs))
     card = cards.build_card(inputs, template)
-    cards.validate_card(card, eval_json=inputs.eval)
+    cards.validate_card(card, eval_json=inputs.eval, eval_extra_json=inputs.eval_extra, eval_by_length_json=inputs.eval_by_length)
     if out is None:
         click.echo(str(card), nl=False)
     else:
