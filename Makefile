@@ -1,15 +1,14 @@
 # The two commands of the README:
-#   make demo   set up .venv and run the main job (sparse vs dense generation with the shipped predictor)
+#   make demo   set up .venv and show the method: dense vs TokenButler decode on a 3.4K-token context
 #   make test   set up .venv and run the whole test suite, then the transformers-dependent tests on the
 #               oldest supported transformers and the GPU image's, each in its own venv
 .PHONY: setup demo test test-fast test-compat
-PROMPT ?= Explain in two sentences why the sky is blue.
 
 setup:
 	bash scripts/bootstrap.sh
 
 demo: setup
-	.venv/bin/butler-zoo generate "$(PROMPT)" --compare-dense --max-new-tokens 48
+	.venv/bin/butler-zoo demo
 
 test: setup
 	@.venv/bin/python -c "import torch, transformers, huggingface_hub; print(f'== main .venv: transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}, torch {torch.__version__}')"

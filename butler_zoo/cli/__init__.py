@@ -22,6 +22,7 @@ from butler_zoo.cli.errors import user_message
 # Modules that add commands to `main` (each defines `register(main)`).
 COMMAND_MODULES = [
     "butler_zoo.cli.generate",
+    "butler_zoo.cli.demo",
     "butler_zoo.cli.info",
     "butler_zoo.cli.hub",
     "butler_zoo.cli.export",
@@ -69,6 +70,7 @@ def main(debug):
 
     \b
     Examples:
+      butler-zoo demo                      # dense vs TokenButler on a 3.4K-token context
       butler-zoo generate "The capital of France is"
       butler-zoo generate "Tell me a story." --budget 0.1 --compare-dense
       butler-zoo info ./my-predictor
