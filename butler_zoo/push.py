@@ -107,6 +107,9 @@ def _check_predictor_folder(predictor_dir: Path) -> ButlerConfig:
         if not (predictor_dir / name).is_file():
             raise PushError(f"{predictor_dir} has no {name}: not a predictor folder (write one with ButlerPredictor.save_pretrained)")
     config = ButlerConfig.load(predictor_dir)
+    if (config.training or {}).get("smoke_test"):
+        raise PushError(f"{predictor_dir} was trained as a smoke test ({config.training['smoke_test']}); train on the real "
+                        "base weights (butler-zoo train --recipe NAME without --base-config) before publishing")
     if not _is_hub_id(config.base_model):
         raise PushError(
             f"{predictor_dir}/{CONFIG_NAME} pins the base model {config.base_model!r}, which is not a Hub repo id; a published "

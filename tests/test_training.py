@@ -270,6 +270,33 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert [s["loss"] for s in resumed["steps"]] == [s["loss"] for s in full["steps"]]
 
 
+def test_base_config_smoke_test_mode(tmp_path):
+    """--base-config: a tiny Mistral config (sliding window, RoPE scaling) built with random weights and trained
+    on random tokens; the predictor records that it is a smoke test, and push refuses it."""
+    cfg_dir = tmp_path / "base"
+    MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, sliding_window=48,
+                  rope_scaling={"rope_type": "linear", "factor": 2.0}).save_pretrained(cfg_dir)
+    out = tmp_path / "smoke"
+    rc = train_main(["--base-config", str(cfg_dir), "--out", str(out), "--seq-len", "96", "--seq-lens", "48", "96",
+                     "--tokens", str(4 * 2 * 96), "--batch-size", "2", "--rows", "16", "--producer-stride", "2",
+                     "--sketch-dim", "8", "--mlp-dim", "32", "--device", "cpu", "--no-progress", "--no-plot",
+                     "--val-windows", "0"])
+    assert rc == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["finished"] and log["tokens_seen"] == 4 * 2 * 96 and log["steps"][-1]["tokens_per_s"] > 0
+    assert "random weights" in log["base_model"] and log["peak_memory_bytes"] > 0
+    pred = ButlerPredictor.from_pretrained(out)
+    assert "never quality" in pred.config.training["smoke_test"]
+    assert pred.config.sliding_window == 48 and pred.config.base_model_type == "mistral"
+    from butler_zoo.push import PushError, build_repo_folder
+
+    with pytest.raises(PushError, match="smoke test"):
+        build_repo_folder(out, tmp_path / "repo", repo_id="org/name")
+    with pytest.raises(SystemExit):
+        train_main(["--base-config", str(cfg_dir), "--base-model", "x", "--out", str(tmp_path / "o")])
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     """`python -m butler_training.train` on a saved tiny model, its tokenizer and a text folder."""
     model = tiny_model("llama")

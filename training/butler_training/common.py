@@ -98,6 +98,41 @@ def load_base(location: BaseLocation, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+SMOKE_TEST_NOTE = ("smoke test: random base weights and random tokens; it measures speed and memory of the "
+                   "recipe's shapes, never quality; do not publish or evaluate this predictor")
+
+
+def random_base(config_path: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A base built from a transformers ``config.json`` (a file, or a folder holding one) with random
+    weights in ``dtype`` (sdpa attention, eval mode, frozen): the recipe's real shapes, RoPE scaling and
+    sliding window, without its weights. For `butler-zoo train --base-config` smoke tests only."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(config_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--base-config {config_path}: no such config.json (give the base's config.json or its folder)")
+    config = AutoConfig.from_pretrained(str(path))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval().requires_grad_(False)
+
+
+def random_windows(vocab_size: int, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``[n, seq_len]`` random token ids below ``vocab_size`` (smoke tests: speed and memory only)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n, seq_len), generator=g)
+
+
 def git_commit(explicit: str | None = None) -> str | None:
     """``explicit``, else ``$BUTLER_GIT_COMMIT``, else ``git rev-parse HEAD`` (``None`` outside a checkout)."""
     if explicit:

