@@ -2,12 +2,16 @@
 
 What it reuses and what it adds
 -------------------------------
-* Metadata, prefill/extend and the CUDA-graph state are ``TritonAttnBackend``'s own.
+* Metadata, prefill/extend and the CUDA-graph state are ``TritonAttnBackend``'s own. Where the
+  supported SGLang releases differ (0.5.12, 0.5.23), the code goes through the named adapters of
+  ``butler_sglang.compat``; the CUDA-graph metadata entry points of both releases are defined here and
+  share :meth:`TokenButlerAttnBackend._graph_metadata`.
 * **Predictor** (:class:`ButlerState`, one per model runner): butler-zoo's ``ButlerPredictor``,
-  the same module the transformers runtime and training use. A forward hook on every producer
-  layer ``k*G`` turns the residual stream after it (``hidden_states + residual``: SGLang's Llama
-  layers defer the residual add, which ``butler_kernels.residual_layer_norm`` fuses into the
-  producer's LayerNorm) into that producer's queries for the decode tokens, written into a
+  the same module the transformers runtime and training use. A hook per producer layer ``k*G``
+  (``compat.install_producer_hook``: a forward hook on it in SGLang 0.5.12, a ``capture_output``
+  callback of layer ``k*G+1`` in 0.5.23) turns the residual stream after it (0.5.12: ``hidden_states +
+  residual``, SGLang's Llama layers defer the residual add, which ``butler_kernels.residual_layer_norm``
+  fuses into the producer's LayerNorm) into that producer's queries for the decode tokens, written into a
   preallocated buffer, and selects for every layer the producer serves at once
   (:meth:`ButlerState.select_served_layers`); the hooks are installed when the backend is built,
   before CUDA-graph capture, and never sync with the host.
@@ -61,6 +65,7 @@ from butler_kernels import NewSketch, reference, residual_layer_norm, select, sk
 from butler_kernels.dispatch import default_impl
 from butler_kernels.score_select import layers_per_launch, workspace_bytes
 from butler_sglang import BACKEND_NAME
+from butler_sglang.compat import api, release_note
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
@@ -90,6 +95,7 @@ def resolve_for_runner(model_runner) -> Resolved:
     pool = model_runner.token_to_kv_pool
     if type(pool) is not MHATokenToKVPool:
         problems.append(f"KV pool {type(pool).__name__} is not supported (only MHATokenToKVPool)")
+    problems += api().runner_problems(model_runner)
     if problems:
         raise TokenButlerStartupError("cannot serve with tokenbutler:\n  - " + "\n  - ".join(problems))
     return resolved
@@ -136,7 +142,7 @@ class ButlerState:
         self.sketch: dict[int, torch.Tensor] = {
             layer: self._sketch_store[:, layer - self.first_served].transpose(0, 1) for layer in range(self.first_served, end)
         }
-        rows = max(int(model_runner.req_to_token_pool.size) + 1, int(getattr(model_runner.server_args, "cuda_graph_max_bs", 0) or 0), 1)
+        rows = max(int(model_runner.req_to_token_pool.size) + 1, api().cuda_graph_max_bs(model_runner.server_args), 1)
         self.queries = [
             torch.zeros((rows, len(cfg.served_layers(k)), cfg.num_query_heads, cfg.sketch_dim), dtype=self.dtype, device=self.device)
             for k in range(cfg.num_producers)
@@ -163,8 +169,9 @@ class ButlerState:
             self._decode_angles = torch.zeros((rows, self.head_dim), dtype=self.dtype, device=self.device)
             self._handles.append(layers[start].register_forward_pre_hook(self._decode_angles_hook, with_kwargs=True))
             self._wrap_runner_forward(model_runner)
+        # the residual stream after each producer layer, at decode steps (how depends on the release)
         self._handles += [
-            layers[p].register_forward_hook(self._producer_hook(k), with_kwargs=True)
+            api().install_producer_hook(layers, p, self._producer_hook(k))
             for k, p in enumerate(cfg.producer_layers)
             if start <= p < end
         ]
@@ -173,11 +180,15 @@ class ButlerState:
     # ----- sketch ----------------------------------------------------------------------------
     def _wrap_pool(self, pool) -> None:
         original = pool.set_kv_buffer
+        write_loc = api().write_loc
 
-        def set_kv_buffer(layer, loc, cache_k, cache_v, k_scale=None, v_scale=None, layer_id_override=None):
-            original(layer, loc, cache_k, cache_v, k_scale, v_scale, layer_id_override)
+        # (layer, loc, cache_k, cache_v, k_scale, v_scale, layer_id_override[, dcp_kv_mask]); loc is the
+        # slots tensor in 0.5.12, a KVWriteLoc (or a tensor) in 0.5.23
+        def set_kv_buffer(layer, loc, cache_k, cache_v, *args, **kwargs):
+            original(layer, loc, cache_k, cache_v, *args, **kwargs)
+            layer_id_override = kwargs.get("layer_id_override", args[2] if len(args) > 2 else None)
             layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
-            self.write_sketch(layer_id, loc, cache_k)
+            self.write_sketch(layer_id, write_loc(loc), cache_k)
 
         set_kv_buffer.__wrapped__ = original
         pool.set_kv_buffer = set_kv_buffer
@@ -266,18 +277,12 @@ class ButlerState:
 
     # ----- producer queries ------------------------------------------------------------------
     def _producer_hook(self, producer: int):
-        def hook(module, args, kwargs, output):
-            # The piecewise (prefill) CUDA graph traces the model with torch.compile: producers only
-            # matter at decode, so the traced extend graph never contains them.
-            if torch.compiler.is_compiling():
-                return None
-            fb = args[2] if len(args) > 2 else kwargs.get("forward_batch")
-            if fb is None or not fb.forward_mode.is_decode():
-                return None
-            if isinstance(output, tuple):
-                hidden, residual = output[0], output[1] if len(output) > 1 else None
-            else:
-                hidden, residual = output, None
+        """``on_stream(hidden, residual)`` of producer ``producer`` for ``compat.install_producer_hook``: called
+        at every decode step (never in extend, nor while the piecewise prefill graph is traced) with the
+        residual stream after the producer layer, ``hidden + residual`` (``residual`` is ``None`` where
+        SGLang hands the summed stream)."""
+
+        def on_stream(hidden, residual):
             n = hidden.shape[0]
             buf = self.queries[producer]
             if n > buf.shape[0]:  # eager batches only: CUDA-graph batches fit the preallocated rows
@@ -294,9 +299,8 @@ class ButlerState:
                 buf[:n].copy_(self.predictor.position_queries(buf[:n], (angles[:, :half], angles[:, half:])))
             if self.decode_step is not None:
                 self.select_served_layers(producer, n)
-            return None
 
-        return hook
+        return on_stream
 
     def select_served_layers(self, producer: int, bs: int) -> None:
         """Top-B of every layer this producer serves, before those layers run, in as few launches
@@ -368,6 +372,9 @@ def base_rotary(family, layers, start: int, end: int, head_dim: int):
                 f"{what} needs the base's rotary angles as a `cos_sin_cache` table [positions, head_dim]; decoder layer "
                 f"{i}'s {type(rotary).__name__} has none"
             )
+        problem = api().rotary_problem(rotary)
+        if problem:
+            raise TokenButlerStartupError(f"{what} needs the base's rotary angles at cos_sin_cache[position]; decoder layer {i}: {problem}")
         if not getattr(rotary, "is_neox_style", False):
             raise TokenButlerStartupError(
                 f"{what} assumes the neox (\"rotate half\") rotary layout of Llama and Mistral; decoder layer {i}'s "
@@ -480,37 +487,64 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         self._graph = self._alloc(max(max_bs, max_num_tokens))
 
+    def _graph_metadata(self, capture: bool, bs, req_pool_indices, seq_lens, forward_mode, spec_info, parent) -> None:
+        """CUDA-graph metadata of one capture (``capture``) or replay, whichever entry point the release
+        calls (the three methods below). ``parent()`` builds the parent's. At capture the parent's is
+        built in every mode and the step's buffers are filled from the dummy batch; at replay a budgeted
+        step rewrites the captured buffers in place (the graph reads them and none of the parent's)."""
+        budgeted = self._budgeted(forward_mode, spec_info)
+        if capture or not budgeted:
+            parent()
+        if budgeted:
+            self._activate(self._build_step(bs, req_pool_indices, seq_lens, self._graph))
+        elif capture:
+            self._activate(None)
+
+    # SGLang 0.5.12: one method for capture, one for replay
     def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info):
-        super().init_forward_metadata_capture_cuda_graph(bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info)
-        step = None
-        if self._budgeted(forward_mode, spec_info):
-            step = self._build_step(bs, req_pool_indices, seq_lens, self._graph)
-        self._activate(step)
+        self._graph_metadata(
+            True, bs, req_pool_indices, seq_lens, forward_mode, spec_info,
+            lambda: super(TokenButlerAttnBackend, self).init_forward_metadata_capture_cuda_graph(
+                bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info
+            ),
+        )
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu):
-        if self._budgeted(forward_mode, spec_info):
-            # Rewrites the captured buffers in place; the graph reads them (and none of the parent's).
-            self._build_step(bs, req_pool_indices, seq_lens, self._graph)
-            return
-        super().init_forward_metadata_replay_cuda_graph(
-            bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu
+        self._graph_metadata(
+            False, bs, req_pool_indices, seq_lens, forward_mode, spec_info,
+            lambda: super(TokenButlerAttnBackend, self).init_forward_metadata_replay_cuda_graph(
+                bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu
+            ),
+        )
+
+    # SGLang 0.5.23: one method for both, before the capture (in_capture=True) and before each replay;
+    # the parent also serves eager batches of other backends' modes through it
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        fb = forward_batch
+        self._graph_metadata(
+            in_capture, fb.batch_size, fb.req_pool_indices, fb.seq_lens, fb.forward_mode, fb.spec_info,
+            lambda: super(TokenButlerAttnBackend, self).init_forward_metadata_out_graph(fb, in_capture),
         )
 
     # ----- decode ----------------------------------------------------------------------------
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        # kwargs: score_mod, aux_tensors (0.5.23), for the parent's kernel only
         step = self._step
         if step is None:
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks, **kwargs)
         if sinks is not None:  # no supported family has attention sinks; the parent's metadata is not built
             raise NotImplementedError(f"tokenbutler: layer {layer.layer_id} has attention sinks, which it does not support")
-        pool = forward_batch.token_to_kv_pool
+        extra = sorted(name for name, value in kwargs.items() if value is not None)
+        if extra:
+            raise NotImplementedError(f"tokenbutler: layer {layer.layer_id} passes {', '.join(extra)}, which it does not support")
+        pool = self.state.pool  # the model runner's (0.5.23's ForwardBatch no longer carries it)
         bs = step.end.shape[0]
         if not self.state.serves(layer.layer_id):
             # Dense (layer 0): the same kernel with a window as long as the table and no selection,
             # each row's splits sized by its own context (H100, batch 8 x 32K: 366 us against
             # 440 us for SGLang's decode_attention_fwd with 64 splits, benchmarks/bench_decode_fusions.py).
             if save_kv_cache:
-                pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+                pool.set_kv_buffer(layer, api().decode_write_loc(forward_batch), k, v, layer.k_scale, layer.v_scale)
             out, _ = sparse_decode(
                 q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim), pool.get_key_buffer(layer.layer_id),
                 pool.get_value_buffer(layer.layer_id), None, None, step.start, step.end, sinks=0, window=self.table_len,
@@ -523,7 +557,7 @@ class TokenButlerAttnBackend(TritonAttnBackend):
             # K/V as the parent writes them; the new tokens' sketch goes with the attention launch
             # (the selection, made by the producer, never reads the current token's)
             set_kv = getattr(pool.set_kv_buffer, "__wrapped__", pool.set_kv_buffer)
-            set_kv(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+            set_kv(layer, api().decode_write_loc(forward_batch), k, v, layer.k_scale, layer.v_scale)
             if self.state.position_consistent:
                 # format 2: the fused write takes no angles, so the sketch gets its own launch, before
                 # the attention (the selection never reads the current token: it is in the window)
@@ -568,8 +602,9 @@ def create_backend(model_runner) -> TokenButlerAttnBackend:
         setattr(model_runner, _STATE_ATTR, state)
         backend = TokenButlerAttnBackend(model_runner, state)
         logger.info(
-            "%s; sketch cache %.2f GB over %d layers (%s backend)",
+            "%s; sketch cache %.2f GB over %d layers (%s backend on %s)",
             describe(resolved, backend.table_len), state.sketch_bytes / 2**30, len(state.sketch), BACKEND_NAME,
+            release_note(),
         )
         return backend
     return TokenButlerAttnBackend(model_runner, state)

@@ -17,6 +17,10 @@ Registered on a supported SGLang release:
 * AFTER ``ServerArgs.check_server_args`` (launcher): every startup check, ``SystemExit`` on failure;
 * AROUND ``DefaultPoolConfigurator._compute_cell_size`` (scheduler): the sketch cache's bytes per
   token, so the KV pool is sized with the sketch in it.
+
+The hook targets are the same in every supported release; what the hooks receive differs, and goes
+through ``butler_sglang.compat`` (e.g. ``_compute_cell_size`` gets the ModelRunner in 0.5.12 and the
+KVCacheConfigurator in 0.5.23).
 """
 
 from __future__ import annotations
@@ -113,26 +117,29 @@ def _check_server_args_hook(result, server_args, *args, **kwargs):
     except settings.TokenButlerStartupError as e:
         raise SystemExit(f"butler-zoo tokenbutler: {e}") from None
     if resolved is not None:
+        from butler_sglang.compat import release_note
+
         _resolved_cache[id(server_args)] = resolved
-        logger.info("TokenButler checks passed: %s", settings.describe(resolved, server_args.get_model_config().context_len))
+        logger.info(
+            "TokenButler checks passed on %s: %s",
+            release_note(),
+            settings.describe(resolved, settings.served_model_config(server_args).context_len),
+        )
     return None
 
 
-def _cell_size_hook(original, self, mr, num_layers, *args, **kwargs):
-    size = original(self, mr, num_layers, *args, **kwargs)
-    if not settings.backend_selected(mr.server_args):
+def _cell_size_hook(original, self, arg, num_layers, *args, **kwargs):
+    # arg: the ModelRunner (0.5.12) or the KVCacheConfigurator (0.5.23), see compat.cell_size_inputs
+    size = original(self, arg, num_layers, *args, **kwargs)
+    if not settings.backend_selected(arg.server_args):
         return size
-    from sglang.srt.layers.dp_attention import get_attention_tp_size
+    from butler_sglang.compat import api
 
-    resolved = _resolved_cache.get(id(mr.server_args))
+    inputs = api().cell_size_inputs(arg)
+    resolved = _resolved_cache.get(id(inputs.server_args))
     if resolved is None:
-        resolved = _resolved_cache[id(mr.server_args)] = settings.resolve(mr.server_args, mr.model_config.hf_config)
-    extra = resolved.sketch_bytes_per_token(
-        num_layers,
-        getattr(mr, "start_layer", 0),
-        mr.model_config.get_num_kv_heads(get_attention_tp_size()),
-        mr.dtype.itemsize if hasattr(mr.dtype, "itemsize") else 2,
-    )
+        resolved = _resolved_cache[id(inputs.server_args)] = settings.resolve(inputs.server_args, inputs.hf_config)
+    extra = resolved.sketch_bytes_per_token(num_layers, inputs.start_layer, inputs.num_kv_heads, inputs.element_size)
     logger.info("TokenButler: the KV pool counts %d sketch bytes per token on top of %d KV bytes", extra, size)
     return size + extra
 

@@ -33,6 +33,7 @@ __all__ = [
     "check_sglang_version",
     "unsupported_reasons",
     "resolve",
+    "served_model_config",
     "validate_server_args",
 ]
 
@@ -209,9 +210,13 @@ def check_sglang_version() -> str | None:
 
 # ----- unsupported combinations ------------------------------------------------------------------
 def unsupported_reasons(server_args) -> list[str]:
-    """Every server setting the backend does not support (tested), each with its fix."""
+    """Every server setting the backend does not support (tested), each with its fix. Settings are read
+    as the installed SGLang resolved them (``compat.api().setting``)."""
+    from butler_sglang.compat import api
+
+    adapter = api()
     sa = server_args
-    g = lambda name, default=None: getattr(sa, name, default)  # noqa: E731
+    g = lambda name, default=None: adapter.setting(sa, name, default)  # noqa: E731
     out = []
     prefill = g("prefill_attention_backend") or g("attention_backend")
     if g("prefill_attention_backend") == BACKEND_NAME and g("decode_attention_backend") not in (None, BACKEND_NAME):
@@ -249,6 +254,7 @@ def unsupported_reasons(server_args) -> list[str]:
             out.append(f"{flag} {g(name)} is not supported yet (one GPU per model replica)")
     if g("dllm_algorithm"):
         out.append("diffusion LLM decoding is not supported")
+    out += adapter.extra_unsupported(sa)
     return out
 
 
@@ -344,9 +350,16 @@ def resolve(server_args, hf_config=None) -> Resolved:
     return Resolved(predictor=predictor, config=config, policy=policy, max_budget=max_budget, notes=tuple(notes))
 
 
+def served_model_config(server_args):
+    """The served model's SGLang ``ModelConfig`` (``compat.api().model_config``)."""
+    from butler_sglang.compat import api
+
+    return api().model_config(server_args)
+
+
 def _served_hf_config(server_args):
     try:
-        return server_args.get_model_config().hf_config
+        return served_model_config(server_args).hf_config
     except Exception as e:
         raise TokenButlerStartupError(f"cannot read the served model's config ({type(e).__name__}: {e})") from None
 
