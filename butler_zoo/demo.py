@@ -65,7 +65,7 @@ def run_demo(model, tokenizer, max_new_tokens: int = 8, echo=print) -> dict:
         echo(f"TokenButler read {sparse['fraction_read']:.1%} of the KV cache during decode (the layers it serves; "
              f"{sparse['sparse_steps']} of {sparse['steps']} layer steps sparse); prefill is dense in both runs.")
     else:
-        echo("No decode step was sparse: the context fits in sinks + window + budget.")
+        echo("No decode step was sparse: the context fits in the budget (or in sinks + window).")
     both = runs["dense"]["has_fact"] and sparse["has_fact"]
     echo(f"Both answers name the ship: {'yes' if both else 'no'} (dense: {'yes' if runs['dense']['has_fact'] else 'no'}, "
          f"TokenButler: {'yes' if sparse['has_fact'] else 'no'}). Times are this machine's, not a benchmark "

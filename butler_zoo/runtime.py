@@ -96,7 +96,7 @@ class ButlerRuntime:
         self._sketches: dict[int, tuple[torch.Tensor, SketchedLayerMixin]] = {}
         self._handles: list = []
         self.stats: DecodeStats | None = None
-        # A context that fits in sinks + window + budget is attended densely (bit-identical to the base
+        # A context that fits in the budget (or in sinks + window) is attended densely (bit-identical to the base
         # model). Tests switch this off to check that the budgeted path itself equals dense attention.
         self.dense_fallback = True
         self.recorder: list | None = None

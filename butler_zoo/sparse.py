@@ -47,7 +47,7 @@ def _check_contiguous(attention_mask: torch.Tensor, start: torch.Tensor, end: to
 
 
 def fits_dense(length: int, policy: SparsePolicy) -> bool:
-    """A cache this short is attended densely: sinks + window + budget would cover it anyway."""
+    """A cache this short is attended densely: the budget (or sinks + window) covers it anyway."""
     return length <= policy.sinks + policy.window + policy.max_budget(length)
 
 
@@ -76,7 +76,7 @@ def decode_step(
     if check_mask and attention_mask is not None:
         _check_contiguous(attention_mask, start, end)
     budget = policy.max_budget(length)
-    per_row = ref.budget_for_rows(policy.budget, start, end, budget)
+    per_row = ref.budget_for_rows(policy.budget, start, end, budget, fixed=policy.sinks + policy.window)
     selection = None
     if policy.prediction_interval > 1 and cache_layer is not None:
         selection = _interval_selection(cache_layer, q_sel, sketch, start, end, policy, budget, per_row, length)

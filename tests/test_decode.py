@@ -98,7 +98,7 @@ def _expected_selection(q, sketch, lo, hi, sinks, window, budget):
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "mistral-gqa"])
 @pytest.mark.parametrize("query_heads", ["kv", "query"])
-@pytest.mark.parametrize("budget", [5, 0.25])
+@pytest.mark.parametrize("budget", [11, 0.25])
 def test_attended_set_is_sinks_window_topb(name, query_heads, budget):
     model = tiny_model(name)
     predictor = tiny_predictor(model, query_heads=query_heads)
@@ -146,7 +146,9 @@ def test_attended_set_is_sinks_window_topb(name, query_heads, budget):
         for b in range(ids.shape[0]):
             lo = int(pads[b]) if window_limit is None else max(int(pads[b]), length - window_limit)
             assert (int(start[b]), int(end[b])) == (lo, length)
-            n_budget = budget if isinstance(budget, int) else math.ceil(budget * (length - lo))
+            # the budget counts every position read: the predictor picks what sinks and window leave
+            total = budget if isinstance(budget, int) else math.ceil(budget * (length - lo))
+            n_budget = max(0, total - policy.sinks - policy.window)
             for h in range(cfg.num_key_value_heads):
                 expected = _expected_selection(q[b, h * group:(h + 1) * group], sketch[b, h], lo, length,
                                                policy.sinks, policy.window, n_budget)
@@ -184,7 +186,7 @@ def test_mistral_sliding_window_default_cache(name):
 
 def test_prediction_interval_reuses_selection_with_neighbors():
     model = tiny_model("llama-gqa")
-    attach_butler(model, tiny_predictor(model), budget=4, prediction_interval=3)
+    attach_butler(model, tiny_predictor(model), budget=10, prediction_interval=3)  # 2 sinks + 4 window + 4 predicted
     ids, mask = left_padded_batch(lengths=(48, 40))
     with model.butler.record() as rec:
         _generate(model, ids, mask, steps=7)

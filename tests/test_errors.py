@@ -62,7 +62,8 @@ def test_unsupported_model_type_lists_supported():
     ({"budget": 1.5}, r"fraction.*\(0, 1\]"),
     ({"budget": 0.0}, r"fraction.*\(0, 1\]"),
     ({"budget": -3}, r"token budget must be >= 0"),
-    ({"budget": "10%"}, r"token count \(int\) or a fraction"),
+    ({"budget": "ten"}, r"'ten' is not a budget"),
+    ({"budget": [1]}, r"count of positions \(int\), a fraction"),
     ({"window": 0}, r"window must be >= 1"),
     ({"sinks": -1}, r"sinks must be >= 0"),
     ({"prediction_interval": 0}, r"prediction_interval must be >= 1"),
@@ -70,6 +71,24 @@ def test_unsupported_model_type_lists_supported():
 def test_out_of_range_policy(kwargs, match):
     with pytest.raises(BudgetError, match=match):
         SparsePolicy(**kwargs)
+
+
+def test_one_budget_meaning_everywhere():
+    """A budget counts every position a step reads, sinks and window included; text and numbers parse alike
+    in the API, the CLI and SGLang (one parser)."""
+    from butler_zoo.policy import parse_budget
+
+    assert SparsePolicy(budget="10%").budget == 0.1 == parse_budget("10%") == parse_budget("0.1")
+    assert parse_budget("1e3") == 1000 and isinstance(parse_budget("1e3"), int) and parse_budget("512") == 512
+    assert parse_budget("1.0") == 1.0 and parse_budget("1") == 1
+    with pytest.raises(BudgetError, match="must be whole"):
+        parse_budget("1.5")
+    p = SparsePolicy(sinks=4, window=8, budget=100)
+    assert p.read_budget(1000) == 100 and p.max_budget(1000) == 88  # the predictor picks what sinks + window leave
+    assert p.max_budget(50) == 38 and SparsePolicy(sinks=4, window=8, budget=10).max_budget(1000) == 0
+    f = SparsePolicy(sinks=4, window=8, budget=0.1)
+    assert f.read_budget(1000) == 100 and f.max_budget(1000) == 88
+    assert "10% of the context read per step in all" in f.describe()
 
 
 def test_out_of_range_budget_at_attach_and_per_call():

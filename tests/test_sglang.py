@@ -181,7 +181,7 @@ def test_producer_hook_on_sglangs_own_llama_model(venv, tmp_path):
 def test_decode_step_against_sglang_dense_and_torch_reference(venv, tmp_path):
     """Format-2 predictors (the default) at three budgets, a format-1 predictor at one."""
     r = _inner(venv, "decode", tmp_path)
-    assert [(c["budget"], c["format"]) for c in r["cases"]] == [("16", 2), ("0.1", 2), ("1.0", 2), ("16", 1)]
+    assert [(c["budget"], c["format"]) for c in r["cases"]] == [("28", 2), ("0.1", 2), ("1.0", 2), ("28", 1)]
     for case in r["cases"]:
         if case["all_dense"]:
             # a budget that covers every context the table holds: SGLang's own Triton decode, bit for bit
@@ -194,20 +194,20 @@ def test_decode_step_against_sglang_dense_and_torch_reference(venv, tmp_path):
         for row in range(3):
             assert case["max_abs_vs_reference"][row] < 2e-5, case
     by_budget = {c["budget"]: c for c in r["cases"] if c["format"] == 2}
-    assert by_budget["1.0"]["all_dense"] and not by_budget["16"]["all_dense"] and not by_budget["0.1"]["all_dense"]
+    assert by_budget["1.0"]["all_dense"] and not by_budget["28"]["all_dense"] and not by_budget["0.1"]["all_dense"]
     assert by_budget["1.0"]["parent_decode_calls"] == 3  # every layer
-    assert by_budget["16"]["parent_decode_calls"] == 0 and by_budget["0.1"]["parent_decode_calls"] == 0
+    assert by_budget["28"]["parent_decode_calls"] == 0 and by_budget["0.1"]["parent_decode_calls"] == 0
     # layer 0 is dense in every case: through butler's kernel when the step is budgeted (the parent's
     # decode metadata is not even built then), SGLang's own kernel bit for bit when not
     for case in r["cases"]:
         assert case["layer0_parent_calls"] == (1 if case["all_dense"] else 0), case
         assert case["layer0_max_abs_vs_sglang_dense"] < (1e-12 if case["all_dense"] else 2e-5), case
     # layers 1 and 2 selected by their producer in one launch, equal to selecting in each layer
-    assert by_budget["16"]["selected_by_producer"] == [1, 2] == by_budget["0.1"]["selected_by_producer"]
+    assert by_budget["28"]["selected_by_producer"] == [1, 2] == by_budget["0.1"]["selected_by_producer"]
     assert by_budget["1.0"]["selected_by_producer"] == []
     assert all(case["per_layer_selection_equal"] for case in r["cases"])
     assert by_budget["1.0"]["sparse_rows"] == [] and len(by_budget["1.0"]["dense_rows"]) == 3  # budget covers the context
-    assert by_budget["16"]["dense_rows"] == [0] and by_budget["16"]["sparse_rows"] == [1, 2]  # row by row
+    assert by_budget["28"]["dense_rows"] == [0] and by_budget["28"]["sparse_rows"] == [1, 2]  # row by row
     assert by_budget["0.1"]["sparse_rows"] == [0, 1, 2]
     format1 = r["cases"][-1]
     assert format1["dense_rows"] == [0] and format1["sparse_rows"] == [1, 2] and format1["selected_by_producer"] == [1, 2]
@@ -552,7 +552,7 @@ def _check_decode(tmp: Path) -> dict:
         return (a.float() - b.float()).abs().max().item()
 
     result = {"sglang": _sglang_version(), "cases": []}
-    for budget, fmt in (("16", 2), ("0.1", 2), ("1.0", 2), ("16", 1)):
+    for budget, fmt in (("28", 2), ("0.1", 2), ("1.0", 2), ("28", 1)):
         torch.manual_seed(1)
         pred = pred2 if fmt == 2 else pred1
         sa = _server_args(model_dir, "--decode-attention-backend", "tokenbutler", "--tokenbutler-predictor", str(pred),
@@ -642,7 +642,7 @@ def _check_decode(tmp: Path) -> dict:
         start = torch.zeros_like(end)
         table = r2t.req_to_token[rpi]
         policy = state.policy
-        bpr = ref.budget_for_rows(policy.budget, start, end, backend.budget)
+        bpr = ref.budget_for_rows(policy.budget, start, end, backend.budget, fixed=policy.sinks + policy.window)
         limit = bpr if bpr is not None else torch.full_like(end, backend.budget)
         dense_rows = (end <= policy.sinks + policy.window + limit).tolist()
         case["dense_rows"] = [i for i in range(bs) if dense_rows[i]]

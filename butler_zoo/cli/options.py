@@ -36,7 +36,8 @@ def policy_options(f):
     f = click.option("--sinks", type=click.IntRange(min=0), default=None,
                      help="First tokens always attended. Default: the predictor's.")(f)
     f = click.option("--budget", type=BUDGET, default=None,
-                     help="Predicted tokens per layer and KV head: a count (512), fraction (0.1) or percentage (10%) of the context. Default: the predictor's.")(f)
+                     help="Positions each decode step reads per layer and KV head in all, sinks and window included: a count "
+                          "(512), a fraction (0.1) or a percentage (10%) of the context. Default: the predictor's.")(f)
     return f
 
 

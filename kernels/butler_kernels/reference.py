@@ -53,12 +53,14 @@ def policy_ranges(start: torch.Tensor, end: torch.Tensor, sinks: int, window: in
     return sink_hi, win_lo
 
 
-def budget_for_rows(budget: int | float, start: torch.Tensor, end: torch.Tensor, max_budget: int) -> torch.Tensor | None:
-    """Per-row budget for a fractional budget (``ceil(f * context)``, capped at ``max_budget``);
-    ``None`` for an integer budget, which is the same for every row."""
+def budget_for_rows(budget: int | float, start: torch.Tensor, end: torch.Tensor, max_budget: int,
+                    fixed: int = 0) -> torch.Tensor | None:
+    """Per-row selected slots for a fractional budget: ``ceil(f * context) - fixed`` (``fixed``: the sinks +
+    window the budget also counts), in ``[0, max_budget]``; ``None`` for an integer budget, which is the same
+    for every row."""
     if isinstance(budget, float):
         ctx = (end - start).to(torch.float64)
-        return torch.clamp(torch.ceil(ctx * budget), max=max_budget).to(torch.int64)
+        return torch.clamp(torch.ceil(ctx * budget) - fixed, min=0, max=max_budget).to(torch.int64)
     return None
 
 

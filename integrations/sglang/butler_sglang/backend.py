@@ -433,7 +433,7 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         self.fraction = policy.budget if isinstance(policy.budget, float) else None
         self.table_len = int(self.req_to_token.shape[1])
         self.budget = state.resolved.static_budget(self.table_len)
-        # Every context the table can hold fits in sinks + window + budget: no row can go sparse.
+        # Every context the table can hold fits in the budget (or in sinks + window): no row can go sparse.
         self.all_dense = (self.fraction is None or self.fraction >= 1.0) and (
             self.sinks + self.window + self.budget >= self.table_len
         )
@@ -458,7 +458,7 @@ class TokenButlerAttnBackend(TritonAttnBackend):
         bpr = None
         if self.fraction is not None:
             bpr = buf.budget_per_row[:bs]
-            bpr.copy_(reference.budget_for_rows(self.fraction, start, end, self.budget))
+            bpr.copy_(reference.budget_for_rows(self.fraction, start, end, self.budget, fixed=self.sinks + self.window))
         torch.index_select(self.req_to_token, 0, req_pool_indices[:bs], out=buf.token_table[:bs])
         return _StepMeta(start, end, bpr, buf.token_table[:bs], buf.no_selection[:bs])
 

@@ -58,8 +58,9 @@ class TokenButlerStartupError(RuntimeError):
 
 # ----- flags -------------------------------------------------------------------------------------
 def parse_budget(text: str) -> int | float:
-    """``--tokenbutler-budget``: ``512`` (tokens per layer and KV head), ``0.1`` or ``10%`` (a
-    fraction of each request's context); :func:`butler_zoo.policy.parse_budget` as an argparse type."""
+    """``--tokenbutler-budget``: ``512`` (positions read per decode step, layer and KV head in all, sinks and
+    window included), ``0.1`` or ``10%`` (a fraction of each request's context);
+    :func:`butler_zoo.policy.parse_budget` as an argparse type."""
     from butler_zoo.errors import BudgetError
     from butler_zoo.policy import parse_budget as parse
 
@@ -110,9 +111,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=parse_budget,
         metavar="TOKENS_OR_FRACTION",
         default=None,
-        help="Predicted tokens attended per layer and KV head on top of sinks and window: a count (512) or a "
-        "fraction of each request's context (0.1 or 10%%). Requests whose context fits in sinks + window + budget "
-        f"decode densely (exactly the dense result). Env: {ENV_VARS['budget']}.",
+        help="Positions each decode step reads per layer and KV head in all, sinks and window included (the predictor "
+        "picks the rest): a count (512) or a fraction of each request's context (0.1 or 10%%). Requests whose "
+        f"context fits in the budget decode densely (exactly the dense result). Env: {ENV_VARS['budget']}.",
     )
     g.add_argument(
         "--tokenbutler-sinks",
@@ -133,7 +134,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="N",
         default=None,
-        help="Cap, in tokens, of a fractional budget. It fixes the static shapes of the CUDA graphs and their "
+        help="Cap, in positions read in all, of a fractional budget. It fixes the static shapes of the CUDA graphs and their "
         "scratch memory; the default is the fraction of the model's context length (--context-length). "
         f"Env: {ENV_VARS['max_budget']}.",
     )
@@ -270,10 +271,11 @@ class Resolved:
     notes: tuple[str, ...] = ()
 
     def static_budget(self, table_len: int) -> int:
-        """The top-k every decode step selects (static: it shapes the CUDA graphs)."""
+        """The top-k every decode step selects (static: it shapes the CUDA graphs): what the budget (and the
+        cap, both counted in positions read in all) leaves after the sinks and the window."""
         b = self.policy.max_budget(table_len)
         if self.max_budget is not None:
-            b = min(b, self.max_budget)
+            b = min(b, self.max_budget - self.policy.sinks - self.policy.window)
         return max(int(b), 0)
 
     def sketch_bytes_per_token(self, num_layers: int, start_layer: int, num_kv_heads: int, element_size: int) -> int:
