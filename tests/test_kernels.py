@@ -22,6 +22,7 @@ if "triton" not in sys.modules:
 import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -672,6 +673,217 @@ def test_budget_covering_context_is_dense_attention(layout, dtype):
     torch.testing.assert_close(out.float(), dense.float(), rtol=_tol(dtype), atol=_tol(dtype))
     n_cand = _ranges_mask(start, end, t).sum(-1)
     assert torch.equal((sel >= 0).sum(-1), n_cand[:, None].expand(b, h_kv))
+
+
+# ------------------------------------------------------------------------ offsets past 2^31 elements
+#
+# Issue 18: the SGLang server faulted (illegal memory access) once its pools passed ~620K slots: the
+# sketch write computed head * stride of the head-major sketch store in int32, and head 7 of a store
+# of 31 layers x 620K slots x d' 16 starts past 2^31 elements. These tests give every kernel views
+# whose element offsets run past 2^31, with every stride below it (so that Triton passes the strides
+# as int32 and only the products can overflow), without the memory: sparse file mappings, of which
+# only the pages written are ever backed (a few MB in all).
+
+_HUGE_BASE = 2**32  # a huge view starts this many elements into its 2^33-element mapping
+_INT32_LIMIT = 2**31
+
+
+def _huge_view(tmp_path, shape, strides, dtype):
+    """A ``shape``/``strides`` view of zeros reaching past 2^31 elements (and below 2^32) over a sparse
+    file mapping. It starts 2^32 elements into the mapping, so that an offset a kernel computes in
+    int32, off by -2^32 once it wraps, still points into the mapping: the values then come out
+    wrong and the test fails (on a GPU that access faults; here it would crash the process)."""
+    assert all(0 <= s < _INT32_LIMIT for n, s in zip(shape, strides) if n > 1), "strides past 2^31 are passed as int64"
+    extent = 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+    assert _INT32_LIMIT < extent <= _HUGE_BASE, extent
+    fd, name = tempfile.mkstemp(dir=tmp_path)
+    os.close(fd)
+    flat = torch.from_file(name, shared=True, size=2 * _HUGE_BASE, dtype=dtype)
+    os.unlink(name)  # the mapping stays
+    return flat.as_strided(shape, strides, _HUGE_BASE)
+
+
+def _past_int32(view, *index) -> bool:
+    """Whether ``view[index]`` starts past 2^31 elements into its huge view's region of the mapping."""
+    return view.storage_offset() - _HUGE_BASE + sum(i * s for i, s in zip(index, view.stride())) >= _INT32_LIMIT
+
+
+# Llama-like in miniature: 4 KV heads, d' 16, D 64; enough slots for offsets past 2^31.
+_H_KV, _DP, _D = 4, 16, 64
+_STORE_SLOTS = 24_000_000  # store [H_kv, 2 layers, slots, d'] (the backend's): head 3 starts 2.3e9 elements in
+_SLOT_MAJOR_SLOTS = 40_000_000  # pool [slots, H_kv, d']: slot 34M starts 2.2e9 elements in
+_KV_SLOTS = 12_000_000  # K/V pool [slots, H_kv, D]: slot 8.4M starts 2.1e9 elements in
+_BIG_STRIDE = 1_200_000_000  # stride of a dense view's rows (or layers, or tokens): index 2 starts 2.4e9 in
+
+
+def _sketch_pool(tmp_path, layout):
+    """``(pool [slots, H_kv, d'], layers [2, slots, H_kv, d'] or None, slots)``: layer 1 of the backend's
+    head-major store (and both its layers), or a slot-major pool."""
+    if layout == "store":
+        store = _huge_view(tmp_path, (_H_KV, 2, _STORE_SLOTS, _DP), (2 * _STORE_SLOTS * _DP, _STORE_SLOTS * _DP, _DP, 1),
+                           torch.bfloat16)
+        return store[:, 1].transpose(0, 1), store.permute(1, 2, 0, 3), _STORE_SLOTS
+    pool = _huge_view(tmp_path, (_SLOT_MAJOR_SLOTS, _H_KV, _DP), (_H_KV * _DP, _DP, 1), torch.bfloat16)
+    return pool, None, _SLOT_MAJOR_SLOTS
+
+
+def _top_slots(n, slots, gen):
+    """``n`` distinct slots among the last 4096 of a pool, shuffled."""
+    return slots - 1 - torch.randperm(4096, generator=gen)[:n]
+
+
+def _fill(view, gen):
+    view.copy_(torch.randn(view.shape, generator=gen))
+    return view
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("layout", ["store", "slot-major"])
+def test_sketch_write_offsets_past_int32(tmp_path, layout, rope):
+    """The sketch write (the crash of issue 18) into rows past 2^31 elements (heads of the backend's
+    store; slots of a slot-major pool, there from keys whose tokens lie past 2^31 too): the rows land
+    where the same write into a small pool puts them, bit for bit."""
+    gen = torch.Generator().manual_seed(18)
+    n = 20
+    pool, _, slots = _sketch_pool(tmp_path, layout)
+    loc = _top_slots(n, slots, gen)
+    keys = torch.randn(n, _H_KV * 2, _D, generator=gen).bfloat16()[:, ::2]
+    if layout == "store":
+        assert _past_int32(pool, 0, _H_KV - 1)  # head 3 of layer 1, whatever the slot
+    else:
+        assert _past_int32(pool, int(loc.min()))
+        big_keys = _huge_view(tmp_path, (n, _H_KV, _D), (_BIG_STRIDE // 10, _D, 1), torch.bfloat16)
+        assert _past_int32(big_keys, n - 1)
+        keys = big_keys.copy_(keys)
+    weight = (torch.randn(_H_KV, _D, _DP, generator=gen) / _D**0.5).bfloat16()
+    rope_args = None
+    if rope:
+        angles = _rope_angles(torch.randint(0, 40000, (n,), generator=gen), _D, torch.bfloat16)
+        rope_args = (angles[:, : _D // 2], angles[:, _D // 2 :], torch.tensor([-1, -1, -1, -1, 0, 5, 17, 31]))
+    small = torch.zeros(n, _H_KV, _DP, dtype=torch.bfloat16)
+    sketch_write_triton(small, torch.arange(n), keys.contiguous(), weight, rope=rope_args)
+    sketch_write_triton(pool, loc.int(), keys, weight, rope=rope_args)
+    assert small.abs().amin(-1).gt(0).all()
+    assert torch.equal(pool[loc], small)
+    want = reference.project_sketch(keys, weight, rope_args).bfloat16()
+    torch.testing.assert_close(small.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("layout", ["store", "slot-major", "dense", "dense-layers"])
+def test_select_offsets_past_int32(tmp_path, layout):
+    """Score + select over sketch rows past 2^31 elements: the backend's store over its two layers
+    (heads past 2^31) through a token table whose last positions lie past 2^31, a slot-major pool
+    (slots past 2^31) through a table whose last row does; a dense cache whose last row (with its
+    query and ``out`` rows) or layer (with its queries) lies past 2^31. The selection equals the one
+    of a small copy of the same sketch."""
+    gen = torch.Generator().manual_seed(19)
+    b, t, k, group = 3, 200, 24, 2
+    start, end = _rows(b, t, True, gen)
+    end[-1] = t  # the last row, past 2^31 elements in the dense layouts, has candidates to score
+    n_layers = 2 if layout == "store" else 3 if layout == "dense-layers" else None
+    q_shape = (b, _H_KV * group, _DP) if n_layers is None else (n_layers, b, _H_KV * group, _DP)
+    q_sel = torch.randn(q_shape, generator=gen).bfloat16()
+    out = small_table = table = None
+    if layout.startswith("dense"):
+        if layout == "dense":
+            buf = _huge_view(tmp_path, (b, _H_KV, t, _DP), (_BIG_STRIDE, t * _DP, _DP, 1), torch.bfloat16)
+            q_sel = _huge_view(tmp_path, q_shape, (_BIG_STRIDE, _DP, 1), torch.bfloat16).copy_(q_sel)
+            out = _huge_view(tmp_path, (b, _H_KV, k), (_BIG_STRIDE, k, 1), torch.int32)
+            assert _past_int32(buf, b - 1) and _past_int32(q_sel, b - 1) and _past_int32(out, b - 1)
+        else:
+            buf = _huge_view(tmp_path, (n_layers, b, _H_KV, t, _DP), (_BIG_STRIDE, _H_KV * t * _DP, t * _DP, _DP, 1),
+                             torch.bfloat16)
+            q_strides = (_BIG_STRIDE, _H_KV * group * _DP, _DP, 1)
+            q_sel = _huge_view(tmp_path, q_shape, q_strides, torch.bfloat16).copy_(q_sel)
+            assert _past_int32(buf, n_layers - 1) and _past_int32(q_sel, n_layers - 1)
+        small = _fill(buf, gen).contiguous()
+    else:
+        pool, layered, slots = _sketch_pool(tmp_path, layout)
+        buf = layered if layout == "store" else pool
+        if layout == "store":  # positions past 2^31: a table stored position-major, with a large stride
+            table = _huge_view(tmp_path, (b, t), (1, _BIG_STRIDE // 100), torch.int32)
+            assert _past_int32(table, 0, t - 1) and _past_int32(pool, 0, _H_KV - 1)
+        else:
+            table = _huge_view(tmp_path, (b, t), (_BIG_STRIDE, 1), torch.int32)
+        table.copy_(_top_slots(b * t, slots, gen).view(b, t))
+        if layout == "slot-major":
+            assert _past_int32(table, b - 1) and _past_int32(pool, int(table.min()))
+        flat = table.reshape(-1).long()
+        for layer in buf.unbind(0) if n_layers else [buf]:
+            layer[flat] = torch.randn(b * t, _H_KV, _DP, generator=gen).bfloat16()
+        small = buf[:, flat] if n_layers else buf[flat]
+        small_table = torch.arange(b * t, dtype=torch.int32).view(b, t)
+    kw = dict(sinks=S, window=W, k=k, config=SMALL_SELECT)
+    got = score_select_triton(q_sel, buf, start, end, token_table=table, out=out, **kw)
+    want = score_select_triton(q_sel.contiguous(), small, start, end, token_table=small_table, **kw)
+    assert torch.equal(got, want)
+    for j in range(n_layers or 1):
+        dense = reference.gather_positions(small[j] if n_layers else small, small_table)
+        _check_selection(got[j] if n_layers else got, q_sel[j] if n_layers else q_sel, dense, start, end, k)
+
+
+@pytest.mark.parametrize("layout", ["paged", "dense"])
+def test_attention_offsets_past_int32(tmp_path, layout):
+    """Budgeted attention over K/V rows past 2^31 elements, with the decode step's sketch written past
+    2^31 elements: SGLang's slot-major pool (slots past 2^31) through a token table whose last
+    positions lie past 2^31, with query and output heads past 2^31, the sketch into a slot-major pool;
+    or a dense cache, query and output whose last rows lie past 2^31, the sketch into heads of the
+    backend's store. Output and sketch rows are those of a small copy, bit for bit."""
+    gen = torch.Generator().manual_seed(20)
+    b, t, k, group = 3, 100, 12, 2
+    dtype = torch.bfloat16
+    start, end = _rows(b, t, True, gen)
+    q = torch.randn(b, _H_KV * group, _D, generator=gen).to(dtype)
+    sel = score_select_reference(torch.randn(b, _H_KV, 16, generator=gen), torch.randn(b, _H_KV, t, 16, generator=gen),
+                                 start, end, sinks=S, window=W, k=k)
+    if layout == "paged":
+        table = _huge_view(tmp_path, (b, t), (1, _BIG_STRIDE // 50), torch.int32)  # position-major
+        table.copy_(_top_slots(b * t, _KV_SLOTS, gen).view(b, t))
+        flat = table.reshape(-1).long()
+        kbuf, vbuf = (_huge_view(tmp_path, (_KV_SLOTS, _H_KV, _D), (_H_KV * _D, _D, 1), dtype) for _ in range(2))
+        for buf in (kbuf, vbuf):
+            buf[flat] = torch.randn(b * t, _H_KV, _D, generator=gen).to(dtype)
+        # query (and output) heads 320M elements apart: head 7 starts 2.2e9 elements in
+        q = _huge_view(tmp_path, q.shape, (_D, 320_000_000, 1), dtype).copy_(q)
+        out = _huge_view(tmp_path, q.shape, (_D, 320_000_000, 1), dtype)
+        assert _past_int32(kbuf, int(table.min())) and _past_int32(table, 0, t - 1)
+        assert _past_int32(q, 0, _H_KV * group - 1) and _past_int32(out, 0, _H_KV * group - 1)
+        small_k, small_v, small_table = kbuf[flat], vbuf[flat], torch.arange(b * t).view(b, t)
+        pool, _, slots = _sketch_pool(tmp_path, "slot-major")
+    else:
+        kbuf, vbuf = (_fill(_huge_view(tmp_path, (b, _H_KV, t, _D), (_BIG_STRIDE, t * _D, _D, 1), dtype), gen)
+                      for _ in range(2))
+        q = _huge_view(tmp_path, q.shape, (_BIG_STRIDE, _D, 1), dtype).copy_(q)
+        out = _huge_view(tmp_path, q.shape, (_BIG_STRIDE, _D, 1), dtype)
+        assert _past_int32(kbuf, b - 1) and _past_int32(q, b - 1) and _past_int32(out, b - 1)
+        table = small_table = None
+        small_k, small_v = kbuf.contiguous(), vbuf.contiguous()
+        pool, _, slots = _sketch_pool(tmp_path, "store")
+    loc = _top_slots(b, slots, gen)
+    keys = torch.randn(b, _H_KV, _D, generator=gen).to(dtype)
+    weight = (torch.randn(_H_KV, _D, _DP, generator=gen) / _D**0.5).to(dtype)
+    small_pool = torch.zeros(b, _H_KV, _DP, dtype=dtype)
+    kw = dict(sinks=S, window=W, scale=0.125, config=AttentionConfig(num_splits=3, block_n=16))
+    got = budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, token_table=table, out=out,
+                                    new_sketch=NewSketch(pool, loc.int(), keys, weight), **kw)
+    want = budgeted_attention_triton(q.contiguous(), small_k, small_v, sel, start, end, token_table=small_table,
+                                     new_sketch=NewSketch(small_pool, torch.arange(b), keys, weight), **kw)
+    assert torch.equal(got, want)
+    assert small_pool.abs().amin(-1).gt(0).all()
+    assert torch.equal(pool[loc], small_pool)
+    ref = reference.budgeted_attention(q.contiguous(), small_k, small_v, sel, start, end, S, W, 0.125, small_table)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=_tol(dtype), atol=_tol(dtype))
+
+
+def test_residual_layer_norm_offsets_past_int32(tmp_path):
+    """The producer norm over rows past 2^31 elements (a large row stride): the small copy's output."""
+    gen = torch.Generator().manual_seed(21)
+    hidden = _fill(_huge_view(tmp_path, (3, 576), (_BIG_STRIDE, 1), torch.bfloat16), gen)
+    residual = _fill(_huge_view(tmp_path, (3, 576), (_BIG_STRIDE, 1), torch.bfloat16), gen)
+    assert _past_int32(hidden, 2)
+    weight, bias = torch.randn(576, generator=gen).bfloat16(), torch.randn(576, generator=gen).bfloat16()
+    got = residual_layer_norm_triton(hidden, residual, weight, bias, 1e-5)
+    assert torch.equal(got, residual_layer_norm_triton(hidden.contiguous(), residual.contiguous(), weight, bias, 1e-5))
 
 
 # ------------------------------------------------------------------------------------- dispatch

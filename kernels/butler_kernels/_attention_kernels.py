@@ -103,8 +103,11 @@ def _attn_split_kernel(
     gmask = g < GROUP
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
+    # Every offset from a row, head, position or slot index times a stride is int64 (b64, h64,
+    # heads, pos64, slot): a pool or sketch store may span more than 2^31 elements (issue 18).
+    heads = h64 * GROUP + g
     q = tl.load(
-        q_ptr + b64 * stride_qb + (h * GROUP + g)[:, None] * stride_qh + dd[None, :] * stride_qd,
+        q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + dd[None, :] * stride_qd,
         mask=gmask[:, None] & dmask[None, :],
         other=0.0,
     )
@@ -153,7 +156,6 @@ def _attn_split_kernel(
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    heads = h * GROUP + g
     o_rows = o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + dd[None, :] * stride_od
     if DIRECT:
         tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])

@@ -242,7 +242,7 @@ def _score_hist_kernel(
     # tile would split each row over two threads and repeat the key and histogram work in both.
     dd = tl.arange(0, BLOCK_DP // 8)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     dmask = dd < DP
-    q_row = q_ptr + j.to(tl.int64) * stride_ql + b.to(tl.int64) * stride_qb + (h * GROUP) * stride_qh
+    q_row = q_ptr + j.to(tl.int64) * stride_ql + b.to(tl.int64) * stride_qb + h.to(tl.int64) * GROUP * stride_qh
     # One predictor head per KV head: its query stays in registers (the loop's key stores would
     # otherwise force a reload and conversion every chunk).
     q0 = tl.load(q_row + dd * stride_qd, mask=dmask, other=0.0).to(tl.float32)
@@ -603,7 +603,7 @@ def _compact_kernel(
                 slot = (bases >> 32).to(tl.int32) + (rank >> 16) - 1
                 tl.store(side + slot, offs, mask=member)
                 # Provisional boundary: final when the members all fit or all tie (see _finish_row).
-                tl.store(out_bnd + slot * stride_ok, offs, mask=member & (slot < need))
+                tl.store(out_bnd + slot.to(tl.int64) * stride_ok, offs, mask=member & (slot < need))
                 kmin = tl.min(tl.where(member, key, _INT32_MAX), 0)
                 kmax = tl.max(tl.where(member, key, _INT32_MIN), 0)
                 tl.atomic_min(ws_row + WS_BIN_MIN, kmin, sem="relaxed")
@@ -661,7 +661,7 @@ def _boundary_kernel(
             n_gt = tl.sum(gt_i, 0)
             if n_gt > 0:  # exactly a2 of them in all
                 base = tl.atomic_add(ws_row + WS_CNT_ABOVE2, n_gt, sem="relaxed")
-                tl.store(out_gt + (base + tl.cumsum(gt_i, 0) - 1) * stride_ok, pos, mask=gt)
+                tl.store(out_gt + (base + tl.cumsum(gt_i, 0) - 1).to(tl.int64) * stride_ok, pos, mask=gt)
             eq = m & (d2 == b2)
             eq_i = eq.to(tl.int32)
             n_eq = tl.sum(eq_i, 0)
@@ -669,7 +669,7 @@ def _boundary_kernel(
                 base = tl.atomic_add(ws_row + WS_CNT_BIN2, n_eq, sem="relaxed")
                 slot = base + tl.cumsum(eq_i, 0) - 1
                 tl.store(side2 + slot, pos, mask=eq)
-                tl.store(out_eq + slot * stride_ok, pos, mask=eq & (slot < need2))
+                tl.store(out_eq + slot.to(tl.int64) * stride_ok, pos, mask=eq & (slot < need2))
                 tl.atomic_min(ws_row + WS_BIN_MIN, tl.min(tl.where(eq, key, _INT32_MAX), 0), sem="relaxed")
                 tl.atomic_max(ws_row + WS_BIN_MAX, tl.max(tl.where(eq, key, _INT32_MIN), 0), sem="relaxed")
             c += n_prog

@@ -34,15 +34,19 @@ def _sketch_write_kernel(
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    h = tl.program_id(0)
+    # Offsets from a head, token or slot index times a stride are int64: the SGLang backend's
+    # head-major sketch store puts head h of a layer h * layers * slots * d' elements in, past 2^31
+    # from ~620K slots with Llama-3.1-8B shapes (issue 18: an illegal address at the first extend).
+    h = tl.program_id(0).to(tl.int64)
     tt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tt < n
+    tt64 = tt.to(tl.int64)
     ee = tl.arange(0, BLOCK_DP)
     if ROPE:
         sk = _rope_sketch(
             k_ptr, stride_kn, stride_kh, stride_kd, w_ptr, stride_wh, stride_wd, stride_we,
             cos_ptr, stride_cn, stride_cd, sin_ptr, stride_sn, stride_sd, pairs_ptr, stride_p,
-            h, tt, tmask, ee, D, DP, BLOCK_H, IEEE_DOT, UPCAST_DOT,
+            h, tt64, tmask, ee, D, DP, BLOCK_H, IEEE_DOT, UPCAST_DOT,
         )
     else:
         dd = tl.arange(0, BLOCK_D)
@@ -52,7 +56,7 @@ def _sketch_write_kernel(
             other=0.0,
         )
         keys = tl.load(
-            k_ptr + tt[:, None].to(tl.int64) * stride_kn + h * stride_kh + dd[None, :] * stride_kd,
+            k_ptr + tt64[:, None] * stride_kn + h * stride_kh + dd[None, :] * stride_kd,
             mask=tmask[:, None] & (dd[None, :] < D),
             other=0.0,
         ).to(w.dtype)
@@ -65,7 +69,7 @@ def _sketch_write_kernel(
             sk = tl.dot(keys, w)
         # Rounded to the weight's dtype first, as the reference's matmul output is.
         sk = sk.to(w_ptr.dtype.element_ty)
-    slot = tl.load(loc_ptr + tt * stride_loc, mask=tmask, other=0).to(tl.int64)
+    slot = tl.load(loc_ptr + tt64 * stride_loc, mask=tmask, other=0).to(tl.int64)
     tl.store(
         out_ptr + slot[:, None] * stride_os + h * stride_oh + ee[None, :] * stride_oe,
         sk.to(out_ptr.dtype.element_ty),
@@ -105,15 +109,15 @@ def _rope_sketch(
     h, tt, tmask, ee, D: tl.constexpr, DP: tl.constexpr, BLOCK_H: tl.constexpr,
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """``[BLOCK_T, BLOCK_DP]`` sketch of the block's tokens (``reference.project_sketch`` with
-    ``rope``), in the weight's dtype."""
+    """``[BLOCK_T, BLOCK_DP]`` sketch of the block's tokens ``tt`` (int64, as the head ``h``)
+    (``reference.project_sketch`` with ``rope``), in the weight's dtype."""
     wdt: tl.constexpr = w_ptr.dtype.element_ty
     HALF: tl.constexpr = D // 2
     DPH: tl.constexpr = DP // 2
     hh = tl.arange(0, BLOCK_H)
     hmask = hh < HALF
     emask = ee < DP
-    tt64 = tt[:, None].to(tl.int64)
+    tt64 = tt[:, None]
     # un-rotate the keys: u1 = k1 cos + k2 sin, u2 = k2 cos - k1 sin (reference.unrotate_keys)
     kmask = tmask[:, None] & hmask[None, :]
     k_rows = k_ptr + tt64 * stride_kn + h * stride_kh
