@@ -14,6 +14,7 @@ import torch
 
 from butler_kernels import (
     AttentionConfig,
+    NewSketch,
     SelectConfig,
     budgeted_attention_triton,
     reference,
@@ -412,3 +413,132 @@ def test_torch_compile_fullgraph(mode):
         )
         assert torch.equal(out_c, out_same)
     _RESULTS.append(("torch.compile fullgraph", str(mode), "equal to eager"))
+
+
+# ------------------------------------------------------------------------ offsets past 2^31 elements
+# Issue 18: the SGLang server faulted ("CUDA error: an illegal memory access") on an H200 once its pool
+# passed ~620K slots. Llama-3.1-8B at --mem-fraction-static 0.88 there: 829,611 slots, and the backend's
+# sketch store [H_kv 8, 31 layers, slots, d' 16] holds 3.3e9 elements; the sketch write computed
+# head * (31 * slots * 16) in int32, past 2^31 for heads 6 and 7. These tests allocate that store (6.6 GB)
+# and a K/V pool past 2^31 elements (2 x 4.5 GB) and check the kernels at their last slots. The sketch
+# write faults before the fix (79ed3b8's parent; at be2a3c9, the H200 run, format 1 only: the rope variant
+# came later), and the fault leaves the CUDA context unusable for the rest of the process. The selection
+# and the attention already computed these offsets in int64: their tests guard them.
+
+_LLAMA_SLOTS = 829_611  # the H200's pool at 0.88 (issue 18)
+_KV_SLOTS_PAST_INT32 = 2_200_000  # K/V pool [slots, 8, 128]: slots from 2,097,152 start past 2^31 elements
+
+
+@pytest.fixture(scope="module")
+def llama_sketch_store():
+    """The SGLang backend's sketch store at the crash size, NaN everywhere (so a write that misses is seen)."""
+    need = 8 * 31 * _LLAMA_SLOTS * 16 * 2
+    if torch.cuda.mem_get_info()[0] < need + 12 * 2**30:
+        pytest.skip(f"needs {need / 2**30 + 12:.0f} GiB of free GPU memory")
+    store = torch.full((8, 31, _LLAMA_SLOTS, 16), float("nan"), dtype=torch.bfloat16, device=DEV)
+    assert store.numel() > 2**31 and store.stride(0) < 2**31 < 7 * store.stride(0)
+    yield store
+    del store
+    torch.cuda.empty_cache()
+
+
+def _last_slots(n, slots, gen):
+    """``n`` distinct slots among the last ``max(4n, 4096)`` of a pool, shuffled."""
+    span = min(slots, max(4 * n, 4096))
+    return slots - 1 - torch.randperm(span, generator=gen, device=DEV)[:n]
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_sketch_write_past_int32(llama_sketch_store, rope):
+    """Extend (2000 tokens) into the last slots of the last layer of the crash-size store: every
+    head's row equals the same write into a small pool, bit for bit, and the reference to one bf16
+    rounding (cuBLAS sums in its own order)."""
+    gen = _gen(1800 + rope)
+    n, h_kv, d, dp = 2000, 8, 128, 16
+    pool = llama_sketch_store[:, 30].transpose(0, 1)  # [slots, H_kv, d'], as ButlerState.sketch[31]
+    loc = _last_slots(n, _LLAMA_SLOTS, gen)
+    keys = torch.randn(n, h_kv, d, generator=gen, device=DEV).to(torch.bfloat16)
+    weight = (torch.randn(h_kv, d, dp, generator=gen, device=DEV) / d**0.5).to(torch.bfloat16)
+    rope_args = None
+    if rope:
+        inv_freq = 1.0 / 500000.0 ** (torch.arange(0, d, 2, device=DEV, dtype=torch.float32) / d)
+        freqs = torch.randint(0, 131072, (n,), generator=gen, device=DEV)[:, None].float() * inv_freq
+        pairs = torch.tensor([-1, -1, -1, -1, 3, 20, 40, 60], device=DEV)
+        rope_args = (freqs.cos().to(torch.bfloat16), freqs.sin().to(torch.bfloat16), pairs)
+    small = torch.full((n, h_kv, dp), float("nan"), dtype=torch.bfloat16, device=DEV)
+    sketch_write_triton(small, torch.arange(n, device=DEV), keys, weight, rope=rope_args)
+    sketch_write_triton(pool, loc, keys, weight, rope=rope_args)
+    torch.cuda.synchronize()
+    got = pool[loc]
+    assert not got.isnan().any()
+    assert torch.equal(got, small)
+    want = reference.project_sketch(keys, weight, rope_args).to(torch.bfloat16)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+    _RESULTS.append(("sketch write past 2^31", f"{'rope, ' if rope else ''}{n} tokens at slots up to {_LLAMA_SLOTS - 1}",
+                     "equal to a small pool's"))
+
+
+def test_select_past_int32(llama_sketch_store):
+    """One selection launch over the last 3 layers of the crash-size store (the backend's per-producer
+    view), through a table of its last slots: each layer's exact top-k, equal to a small copy's."""
+    gen = _gen(1900)
+    b, t, k, n_layers, sinks, window = 4, 16384, 1600, 3, 64, 256
+    layers = llama_sketch_store[:, 31 - n_layers :].permute(1, 2, 0, 3)  # [3, slots, 8, 16]
+    table = _last_slots(b * t, _LLAMA_SLOTS, gen).view(b, t).int()
+    flat = table.reshape(-1).long()
+    for j in range(n_layers):
+        layers[j][flat] = torch.randn(b * t, 8, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    small = layers[:, flat]
+    small_table = torch.arange(b * t, device=DEV, dtype=torch.int32).view(b, t)
+    q_sel = torch.randn(n_layers, b, 8, 16, generator=gen, device=DEV).to(torch.bfloat16)
+    start, end = _rows(b, t, ragged=True, gen=gen)
+    kw = dict(sinks=sinks, window=window, k=k)
+    for attempt in range(3):
+        out = score_select_triton(q_sel, layers, start, end, token_table=table, **kw)
+        want = score_select_triton(q_sel, small, start, end, token_table=small_table, **kw)
+        for j in range(n_layers):
+            # as sets: the compaction's atomics order the selection differently run to run
+            assert torch.equal(torch.sort(out[j], -1).values, torch.sort(want[j], -1).values), f"attempt {attempt}, layer {j}"
+            dense = reference.gather_positions(small[j], small_table)
+            res = check_selection(out[j], q_sel[j], dense, start, end, **kw)
+            assert res.ok, f"attempt {attempt}, layer {j}: {res}"
+    _RESULTS.append(("select past 2^31", f"3 layers B{b} T{t} k{k} at slots up to {_LLAMA_SLOTS - 1}", str(res)))
+
+
+def test_attention_past_int32(llama_sketch_store):
+    """Budgeted attention over a K/V pool past 2^31 elements (its last slots), with the decode step's
+    sketch written into the last slots of the crash-size store: the reference's output and sketch."""
+    if torch.cuda.mem_get_info()[0] < 2 * _KV_SLOTS_PAST_INT32 * 8 * 128 * 2 + 4 * 2**30:
+        pytest.skip("not enough free GPU memory for two K/V pools past 2^31 elements")
+    gen = _gen(2000)
+    b, t, k, group, d, sinks, window = 4, 8192, 800, 4, 128, 64, 256
+    kbuf = torch.empty((_KV_SLOTS_PAST_INT32, 8, d), dtype=torch.bfloat16, device=DEV)
+    vbuf = torch.empty_like(kbuf)
+    table = _last_slots(b * t, _KV_SLOTS_PAST_INT32, gen).view(b, t)  # int64, as the tests above use both
+    assert int(table.min()) * kbuf.stride(0) > 2**31
+    flat = table.reshape(-1)
+    kbuf[flat] = torch.randn(b * t, 8, d, generator=gen, device=DEV).to(torch.bfloat16)
+    vbuf[flat] = torch.randn(b * t, 8, d, generator=gen, device=DEV).to(torch.bfloat16)
+    q = torch.randn(b, 8 * group, d, generator=gen, device=DEV).to(torch.bfloat16)
+    start, end = _rows(b, t, ragged=True, gen=gen)
+    sel = score_select_triton(torch.randn(b, 8, 16, generator=gen, device=DEV), torch.randn(b, 8, t, 16, generator=gen, device=DEV),
+                              start, end, sinks=sinks, window=window, k=k)
+    pool = llama_sketch_store[:, 30].transpose(0, 1)
+    loc = _last_slots(b, _LLAMA_SLOTS, gen)
+    keys = torch.randn(b, 8, d, generator=gen, device=DEV).to(torch.bfloat16)
+    weight = (torch.randn(8, d, 16, generator=gen, device=DEV) / d**0.5).to(torch.bfloat16)
+    scale = d**-0.5
+    ref = reference.budgeted_attention(q, kbuf, vbuf, sel, start, end, sinks, window, scale, table)
+    want_sketch = reference.project_sketch(keys, weight).to(torch.bfloat16)
+    errs = []
+    for cfg in (None, AttentionConfig(num_splits=1)):
+        pool[loc] = float("nan")
+        out = budgeted_attention_triton(q, kbuf, vbuf, sel, start, end, sinks=sinks, window=window, scale=scale,
+                                        token_table=table, config=cfg, new_sketch=NewSketch(pool, loc, keys, weight))
+        errs.append(_rel_err(out, ref))
+        assert errs[-1] < _ATT_TOL[torch.bfloat16], f"config {cfg}: relative error {errs[-1]:.2e}"
+        torch.testing.assert_close(pool[loc].float(), want_sketch.float(), rtol=1.6e-2, atol=1.6e-2)
+    del kbuf, vbuf
+    torch.cuda.empty_cache()
+    _RESULTS.append(("attention past 2^31", f"B{b} T{t} K/V slots up to {_KV_SLOTS_PAST_INT32 - 1}",
+                     "max rel err " + ", ".join(f"{e:.1e}" for e in errs)))
