@@ -49,7 +49,7 @@ def save_tiny_llama(path: Path, seed: int = 0) -> Path:
 
 
 def make_tiny_predictor(base_model: str, seed: int = 1, base_model_revision: str | None = None, query_heads: str = "kv"):
-    """A random predictor for the tiny Llama (policy: 2 sinks + 4-token window + 6 tokens) pinning ``base_model``."""
+    """A random predictor for the tiny Llama (policy: 12 positions read, 2 sinks + 4-token window + 6 predicted) pinning ``base_model``."""
     predictor = tiny_predictor(tiny_model("llama-gqa", layers=TINY_LAYERS), seed=seed, query_heads=query_heads)
     predictor.config.base_model = base_model
     predictor.config.base_model_revision = base_model_revision

@@ -39,7 +39,7 @@ def _save_pair(tmp_path):
     base = tiny_model("llama-gqa")
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
-    predictor = tiny_predictor(base, budget=3)
+    predictor = tiny_predictor(base, budget=9)
     predictor.config.base_model = str(base_dir)
     pred_dir = tmp_path / "predictor"
     predictor.save_pretrained(pred_dir)
@@ -48,8 +48,8 @@ def _save_pair(tmp_path):
 
 def test_autobutler_from_local_folder(tmp_path):
     base, base_dir, predictor, pred_dir = _save_pair(tmp_path)
-    model = AutoButler.from_pretrained(pred_dir, dtype=torch.float32, budget=4)
-    assert model.butler.policy.budget == 4 and model.butler.policy.sinks == 2
+    model = AutoButler.from_pretrained(pred_dir, dtype=torch.float32, budget=10)
+    assert model.butler.policy.budget == 10 and model.butler.policy.sinks == 2
     assert _state_equal(model.butler.predictor, predictor)
     ids, mask = left_padded_batch()
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
@@ -68,7 +68,7 @@ def test_autobutler_from_repo_id_offline_cache(tmp_path):
     base = tiny_model("llama-gqa")
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
-    predictor = tiny_predictor(base, budget=3)
+    predictor = tiny_predictor(base, budget=9)
     predictor.config.base_model = "tiny-org/tiny-llama"
     predictor.config.base_model_revision = "main"
     pred_dir = tmp_path / "predictor"

@@ -45,7 +45,7 @@ def test_info(tmp_path):
     predictor.save_pretrained(tmp_path)
     res = CliRunner().invoke(main, ["info", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert "model_type llama" in res.output and "6 positions read per step in all: 2 sinks + 4-token window" in res.output
+    assert "model_type llama" in res.output and "12 positions read per step in all: 2 sinks + 4-token window" in res.output
     res = CliRunner().invoke(main, ["info", str(tmp_path), "--json"])
     assert json.loads(res.output)["num_parameters"] == predictor.num_parameters()
 

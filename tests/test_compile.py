@@ -39,7 +39,7 @@ def _decode(model, step_fn, ids, mask, cache_len, steps):
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("budget", [5, 0.3])
+@pytest.mark.parametrize("budget", [11, 0.3])
 def test_compiled_decode_compiles_once_and_matches_eager(budget):
     torch._dynamo.reset()
     model = tiny_model("llama-gqa", layers=3)
@@ -59,7 +59,7 @@ def test_compiled_decode_compiles_once_and_matches_eager(budget):
 def test_compiled_decode_with_interval_compiles_once():
     torch._dynamo.reset()
     model = tiny_model("llama-gqa", layers=3)
-    attach_butler(model, tiny_predictor(model), budget=4, prediction_interval=3)
+    attach_butler(model, tiny_predictor(model), budget=10, prediction_interval=3)
     ids, mask = left_padded_batch(lengths=(24, 17))
     counter = CompileCounterWithBackend("eager")
     compiled = torch.compile(model.forward, backend=counter, fullgraph=True)

@@ -58,7 +58,7 @@ def test_small_budget_changes_output_and_reads_less(name):
     model = tiny_model(name)
     ids, mask = left_padded_batch()
     dense = _generate(model, ids, mask)
-    attach_butler(model, tiny_predictor(model), budget=3)
+    attach_butler(model, tiny_predictor(model), budget=9)
     stats = model.butler.track_stats()
     sparse = _generate(model, ids, mask)
     assert _max_logit_diff(dense, sparse) > 1e-3
@@ -161,7 +161,7 @@ def test_attended_set_is_sinks_window_topb(name, query_heads, budget):
 
 def test_static_cache_matches_dynamic_cache():
     model = tiny_model("llama-gqa")
-    attach_butler(model, tiny_predictor(model), budget=4)
+    attach_butler(model, tiny_predictor(model), budget=10)
     ids, mask = left_padded_batch()
     dynamic = _generate(model, ids, mask)
     static = _generate(model, ids, mask, cache_implementation="static")
@@ -180,7 +180,7 @@ def test_mistral_sliding_window_default_cache(name):
     full = _generate(model, ids, mask, steps=8)
     assert _max_logit_diff(dense, full) < 2e-5
     with model.butler.record() as rec:
-        _generate(model, ids, mask, steps=8, butler_budget=3)
+        _generate(model, ids, mask, steps=8, butler_budget=9)
     assert all(sel is None or bool(((sel == -1) | (sel >= start[:, None, None])).all()) for _, sel, start, _, _ in rec)
 
 
@@ -220,14 +220,14 @@ def test_per_call_budget_and_enabled_flag():
     model = tiny_model("llama-gqa")
     ids, mask = left_padded_batch()
     dense = _generate(model, ids, mask)
-    attach_butler(model, tiny_predictor(model), budget=3)
+    attach_butler(model, tiny_predictor(model), budget=9)
     sparse = _generate(model, ids, mask)
     off = _generate(model, ids, mask, butler_enabled=False)
     full = _generate(model, ids, mask, butler_budget=1.0)
     assert _max_logit_diff(dense, off) == 0.0
     assert _max_logit_diff(dense, full) == 0.0
     assert _max_logit_diff(dense, sparse) > 1e-3
-    assert model.butler.policy.budget == 3  # per-call values do not stick
+    assert model.butler.policy.budget == 9  # per-call values do not stick
     with model.butler.policy_override(budget=1.0):
         assert _max_logit_diff(dense, _generate(model, ids, mask)) == 0.0
 
@@ -236,7 +236,7 @@ def test_detach_restores_dense_model():
     model = tiny_model("llama-gqa")
     ids, mask = left_padded_batch()
     dense = _generate(model, ids, mask)
-    attach_butler(model, tiny_predictor(model), budget=2)
+    attach_butler(model, tiny_predictor(model), budget=8)
     cache = DynamicCache()
     _generate(model, ids, mask, **{cache_kwarg(model): cache})
     detach_butler(model, cache=cache)

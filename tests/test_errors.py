@@ -94,8 +94,8 @@ def test_one_budget_meaning_everywhere():
 def test_out_of_range_budget_at_attach_and_per_call():
     model = tiny_model("llama-gqa")
     with pytest.raises(BudgetError):
-        attach_butler(model, tiny_predictor(model), budget=2.0)
-    attach_butler(model, tiny_predictor(model), budget=3)
+        attach_butler(model, tiny_predictor(model), budget=8.0)
+    attach_butler(model, tiny_predictor(model), budget=9)
     ids, mask = left_padded_batch()
     with pytest.raises(BudgetError, match="fraction"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, butler_budget=7.5)
@@ -211,7 +211,7 @@ def test_cache_filled_before_attach():
     ids, mask = left_padded_batch()
     cache = DynamicCache()
     model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
-    attach_butler(model, tiny_predictor(model), budget=2)
+    attach_butler(model, tiny_predictor(model), budget=8)
     nxt = torch.ones(ids.shape[0], 1, dtype=torch.long)
     with pytest.raises(UnsupportedModelError, match="without a predictor.*attach the predictor before the prefill"):
         model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), use_cache=True, **{cache_kwarg(model): cache})
@@ -219,7 +219,7 @@ def test_cache_filled_before_attach():
 
 def test_mask_with_holes_is_rejected():
     model = tiny_model("llama-gqa")
-    attach_butler(model, tiny_predictor(model), budget=2)
+    attach_butler(model, tiny_predictor(model), budget=8)
     ids, mask = left_padded_batch(lengths=(30, 30))
     mask[:, 10] = 0  # a hole in the middle of the context
     with pytest.raises(ButlerError, match="has holes"):

@@ -48,7 +48,7 @@ def test_simulated_selection_equals_runtime(interval, query_heads):
     S, W, B = 2, 4, 6
     P, N = 20, 30
     prompt = torch.randint(2, 80, (2, P), generator=torch.Generator().manual_seed(0))
-    attach_butler(model, pred, budget=B, sinks=S, window=W, prediction_interval=interval)
+    attach_butler(model, pred, budget=S + W + B, sinks=S, window=W, prediction_interval=interval)  # one meaning: all read
     try:
         with model.butler.record() as rec:
             seq = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N, min_new_tokens=N,

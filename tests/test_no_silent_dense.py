@@ -59,7 +59,7 @@ def test_unknown_cache_argument_raises(name):
     model = tiny_model(name)
     ids, mask = left_padded_batch()
     after_attach = _rename_cache_argument(model, "kv_store")
-    attach_butler(model, tiny_predictor(model), budget=3)
+    attach_butler(model, tiny_predictor(model), budget=9)
     after_attach()
     with pytest.raises(ButlerError) as err:
         _generate(model, ids, mask)
@@ -84,7 +84,7 @@ def test_attention_bypassing_the_interface_raises():
     """A layer whose attention calls sdpa directly (not the registered implementation) skips the runtime."""
     model = tiny_model("llama-gqa")
     ids, mask = left_padded_batch()
-    attach_butler(model, tiny_predictor(model), budget=3)
+    attach_butler(model, tiny_predictor(model), budget=9)
     attn = model.model.layers[2].self_attn
     attn.config = copy.copy(attn.config)
     attn.config._attn_implementation = "sdpa"
@@ -96,7 +96,7 @@ def test_disabled_policy_never_raises():
     model = tiny_model("llama-gqa")
     ids, mask = left_padded_batch()
     after_attach = _rename_cache_argument(model, "kv_store")
-    attach_butler(model, tiny_predictor(model), budget=3)
+    attach_butler(model, tiny_predictor(model), budget=9)
     after_attach()
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
                    butler_enabled=False)
@@ -111,7 +111,7 @@ def test_fraction_read_with_nothing_recorded_is_none():
 def test_stats_count_sparse_and_dense_steps():
     model = tiny_model("llama-gqa")
     ids, mask = left_padded_batch()
-    attach_butler(model, tiny_predictor(model), budget=3)
+    attach_butler(model, tiny_predictor(model), budget=9)
     stats = model.butler.track_stats()
     _generate(model, ids, mask)
     assert stats.sparse_layer_steps == stats.layer_steps > 0

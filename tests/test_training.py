@@ -222,10 +222,10 @@ def test_training_loss_falls_and_artifacts_load(tmp_path, kind, window):
     # the artifacts are a normal predictor folder with provenance, loadable with the base it names
     pred = ButlerPredictor.from_pretrained(out)
     assert pred.config.training["tokens_seen"] == 40 * 4 * 96 and pred.config.training["steps"] == 40
-    auto = AutoButler.from_pretrained(str(out), base_model=str(tmp_path / "base"), budget=8, sinks=2, window=4)
+    auto = AutoButler.from_pretrained(str(out), base_model=str(tmp_path / "base"), budget=14, sinks=2, window=4)
     assert auto.butler.predictor.config.base_model == str(tmp_path / "base")
     ids = motif_windows(1, 40, seed=3)
-    gen = auto.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    gen = auto.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert gen.shape == (1, 46)
 
 

@@ -45,7 +45,7 @@ def tiny_predictor(model, seed: int = 1, stride: int = 2, query_heads: str = "kv
         mlp_dim=32,
         producer_stride=stride,
         query_heads=query_heads,
-        policy=SparsePolicy(**{"sinks": 2, "window": 4, "budget": 6, **policy}).to_dict(),
+        policy=SparsePolicy(**{"sinks": 2, "window": 4, "budget": 12, **policy}).to_dict(),  # 6 predicted
     )
     return ButlerPredictor(cfg)
 

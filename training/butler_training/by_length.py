@@ -34,6 +34,7 @@ from butler_training.evaluate import (
     DecodeSimulator,
     EvalConfig,
     EvalInputs,
+    add_input_arguments,
     build_method,
     coref_accuracy,
     evaluate,
@@ -270,11 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="butler-zoo eval --seq-lens", description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-lens", type=int, nargs="+", required=True, help="context lengths (window sizes) to evaluate")
     p.add_argument("--out", required=True, help="folder for eval_by_length.json, the per-length eval.json and the plots")
-    p.add_argument("--predictor", help="predictor folder or Hub id (default: the SmolLM2 predictor shipped with butler-zoo)")
-    p.add_argument("--base-model", help="override the base (folder or Hub id)")
-    p.add_argument("--gguf-file", help="GGUF file inside --base-model")
-    p.add_argument("--data", nargs="+", help=f"held-out sources (default: {' '.join(DEFAULT_DATA)})")
-    p.add_argument("--data-dir", help="corpora root (default $BUTLER_ZOO_CORPORA or data/corpora)")
+    add_input_arguments(p, d)
     p.add_argument("--windows", type=int, default=d.windows, help=f"windows per length, evenly spaced (default {d.windows})")
     p.add_argument("--prefill", type=int, default=d.prefill, help=f"dense prefill rows (default {d.prefill})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per forward (default {d.batch_size})")
@@ -292,11 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-methods", nargs="+", default=d.task_methods, choices=["dense", *ALL_METHODS],
                    help=f"methods of the two tasks (default {' '.join(d.task_methods)})")
     p.add_argument("--task-fractions", nargs="+", type=float, default=d.task_fractions, help="budgets of the two tasks")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d.dtype)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="keep the pieces already in OUT/eval_by_length.json")
-    p.add_argument("--no-plot", dest="plot", action="store_false")
     return p
 
 

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from butler_training.common import (
-    DTYPES, config_from_args, describe_machine, git_commit, load_base, locate_base, resolve_device, utc_now, versions,
+    DTYPES, HelpFormatter, config_from_args, describe_machine, git_commit, load_base, locate_base, resolve_device, utc_now, versions,
 )
 from butler_training.probe import (
     AttentionProbe,
@@ -608,20 +608,30 @@ def table_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = EvalConfig()
-    p = argparse.ArgumentParser(prog="butler-zoo eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="To print an existing eval.json as a methods x budgets markdown table: "
-                                       "python -m butler_training.evaluate --table EVAL_JSON [--metric ppl_rel] [--methods ...]. "
-                                       "Quality by context length: --seq-lens 1024 2048 4096 8192 --out DIR "
-                                       "(python -m butler_training.by_length -h for its options)")
+def add_input_arguments(p: argparse.ArgumentParser, d: EvalInputs) -> None:
+    """The options of :class:`EvalInputs` every evaluation command shares (``--out`` and ``--resume``,
+    whose meaning differs, are each command's own)."""
     p.add_argument("--predictor", help="predictor folder or Hub id (default: the SmolLM2 predictor shipped with butler-zoo)")
-    p.add_argument("--out", help="output folder for eval.json and eval_ppl.png (default: ./butler-eval/NAME, NAME: the predictor's folder or repo name)")
     p.add_argument("--base-model", help="override the base (folder or Hub id)")
     p.add_argument("--gguf-file", help="GGUF file inside --base-model")
     p.add_argument("--data", nargs="+", help=f"held-out sources (default: {' '.join(DEFAULT_DATA)})")
     p.add_argument("--data-dir", help="corpora root (default $BUTLER_ZOO_CORPORA or data/corpora)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-plot", dest="plot", action="store_false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalConfig()
+    p = argparse.ArgumentParser(prog="butler-zoo eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter,
+                                epilog="To print an existing eval.json as a methods x budgets markdown table: "
+                                       "python -m butler_training.evaluate --table EVAL_JSON [--metric ppl_rel] [--methods ...]. "
+                                       "Quality by context length: --seq-lens 1024 2048 4096 8192 --out DIR "
+                                       "(python -m butler_training.by_length -h for its options)")
+    p.add_argument("--out", help="output folder for eval.json and eval_ppl.png (default: ./butler-eval/NAME, NAME: the predictor's folder or repo name)")
+    add_input_arguments(p, d)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--prefill", type=int, default=d.prefill, help="dense prefill rows P; perplexity is over rows >= P")
     p.add_argument("--windows", type=int, default=d.windows, help="held-out windows (evenly spaced)")
@@ -645,11 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-prompt-len", type=int, default=d.gen_prompt_len)
     p.add_argument("--gen-tokens", type=int, default=d.gen_tokens)
     p.add_argument("--gen-budgets", nargs="*", type=float, help="fractions at which to run it (default: all)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="keep the results already in OUT/eval.json and run the rest")
-    p.add_argument("--no-plot", dest="plot", action="store_false")
     p.add_argument("--check", action="store_true", help="validate every allowed-mask against the decode contract")
     return p
 

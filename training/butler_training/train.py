@@ -31,6 +31,7 @@ import torch
 
 from butler_training.checkpoint import load_checkpoint, save_checkpoint
 from butler_training.common import (
+    HelpFormatter,
     DTYPES,
     SMOKE_TEST_NOTE,
     config_from_args,
@@ -470,7 +471,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, train_windows=None, v
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(out="")
     p = argparse.ArgumentParser(prog="butler-zoo train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--recipe", help="recipe name (see `butler-zoo train --list-recipes`)")
     g.add_argument("--out", required=False, help="output folder for the predictor, log and plot")
