@@ -37,6 +37,13 @@ What it reuses and what it adds
   two results with ``torch.where``: with CUDA graphs that launched the parent's two kernels for
   nothing on every served layer of a batch of long rows (12.7 us per layer at 8 x 32K on the
   H100, ``integrations/sglang/gpu/profile_server.py``).
+* **Parallelism** (``butler_sglang.parallel``): under tensor parallelism an attention-TP rank holds the K/V
+  of its own KV heads (``compat.attention_tp``, SGLang's sharding, replicated heads included); its
+  sketch store, producer queries and selections cover those heads only, from the predictor sliced to
+  them at load (``parallel.shard_predictor``; one GPU is rank 0 of 1, the full slice). The residual
+  stream a producer reads is whole on every rank after SGLang's all-reduce: no extra communication.
+  A pipeline stage runs the producers of the layers it serves; one that is the layer right before the
+  stage's first reads the stage's input (``parallel.stage_problem`` refuses other partitions).
 * **Format-2 predictors** (``predictor.position_consistent``): a key's sketch is projected from the
   un-rotated key and rotated on ``rope_pairs`` at the key's position, the producer's queries at the
   decode token's (``reference.project_sketch(..., rope=)``, ``ButlerPredictor.position_queries``),
@@ -66,6 +73,7 @@ from butler_kernels.dispatch import default_impl
 from butler_kernels.score_select import layers_per_launch, workspace_bytes
 from butler_sglang import BACKEND_NAME
 from butler_sglang.compat import api, release_note
+from butler_sglang.parallel import kv_heads_of_rank, shard_predictor, stage_problem
 from butler_sglang.settings import Resolved, TokenButlerStartupError, describe, resolve
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
@@ -109,7 +117,6 @@ class ButlerState:
         from butler_zoo.predictor import ButlerPredictor
 
         self.resolved = resolved
-        self.config = cfg = resolved.config
         self.policy = resolved.policy
         self.device = torch.device(model_runner.device)
         self.dtype = model_runner.dtype
@@ -117,16 +124,31 @@ class ButlerState:
         self.pool = pool
         self.num_kv_heads = pool.head_num
         self.head_dim = pool.head_dim
-        if self.num_kv_heads != cfg.num_key_value_heads or self.head_dim != cfg.head_dim:
+        full = resolved.config
+        # Tensor parallelism: this rank's KV heads (a single GPU is rank 0 of 1 and holds them all); the
+        # sketch store, the producers' queries and the selection cover these heads only.
+        self.tp_rank, self.tp_size = api().attention_tp(model_runner)
+        try:
+            self.kv_heads = kv_heads_of_rank(full.num_key_value_heads, self.tp_size, self.tp_rank)
+        except ValueError as e:
+            raise TokenButlerStartupError(str(e)) from None
+        if self.num_kv_heads != len(self.kv_heads) or self.head_dim != full.head_dim:
             raise TokenButlerStartupError(
-                f"the KV pool holds {self.num_kv_heads} KV heads of dim {self.head_dim} per layer, the predictor "
-                f"expects {cfg.num_key_value_heads} of dim {cfg.head_dim}"
+                f"the KV pool of attention-TP rank {self.tp_rank} of {self.tp_size} holds {self.num_kv_heads} KV heads of dim "
+                f"{self.head_dim} per layer, the predictor expects {len(self.kv_heads)} (of {full.num_key_value_heads}) of "
+                f"dim {full.head_dim}"
             )
         start = getattr(model_runner, "start_layer", 0)
-        end = getattr(model_runner, "end_layer", cfg.num_hidden_layers)
+        end = getattr(model_runner, "end_layer", full.num_hidden_layers)
+        problem = stage_problem(full, start, end)
+        if problem:
+            raise TokenButlerStartupError(f"cannot serve with tokenbutler: {problem}; see docs/sglang.md (Parallelism)")
 
+        # sliced on the CPU, where from_pretrained loads it: only the rank's slice reaches the device
         predictor = ButlerPredictor.from_pretrained(resolved.predictor, local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+        predictor = shard_predictor(predictor, self.kv_heads)
         self.predictor = predictor.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.config = cfg = self.predictor.config  # this rank's heads; layers, stride and widths as the full one
 
         slots = pool.get_key_buffer(start).shape[0]
         # Sketch of layer l (l >= 1) at slot s: predictor.project_keys of the post-RoPE key in K pool slot s.
@@ -169,11 +191,13 @@ class ButlerState:
             self._decode_angles = torch.zeros((rows, self.head_dim), dtype=self.dtype, device=self.device)
             self._handles.append(layers[start].register_forward_pre_hook(self._decode_angles_hook, with_kwargs=True))
             self._wrap_runner_forward(model_runner)
-        # the residual stream after each producer layer, at decode steps (how depends on the release)
+        # the residual stream after each producer layer, at decode steps (how depends on the release), for
+        # the producers of this stage's served layers; one on the previous stage is the layer right before
+        # this stage's first (stage_problem), whose stream is the stage's input
         self._handles += [
-            api().install_producer_hook(layers, p, self._producer_hook(k))
+            api().install_producer_hook(layers, p, self._producer_hook(k), start_layer=start)
             for k, p in enumerate(cfg.producer_layers)
-            if start <= p < end
+            if any(start <= l < end for l in cfg.served_layers(k))
         ]
         self._wrap_pool(pool)
 
@@ -284,6 +308,13 @@ class ButlerState:
 
         def on_stream(hidden, residual):
             n = hidden.shape[0]
+            step = self.decode_step
+            if step is not None and n != step.end.shape[0]:
+                # the selection pairs query row i with batch row i: rows split over ranks would pair wrong rows
+                raise RuntimeError(
+                    f"tokenbutler: producer {producer} received the residual stream of {n} rows for a decode batch of "
+                    f"{step.end.shape[0]}: a parallel layout that splits the rows over ranks is not supported"
+                )
             buf = self.queries[producer]
             if n > buf.shape[0]:  # eager batches only: CUDA-graph batches fit the preallocated rows
                 buf = self.queries[producer] = torch.zeros((n, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
@@ -601,10 +632,11 @@ def create_backend(model_runner) -> TokenButlerAttnBackend:
         state = ButlerState(model_runner, resolved)
         setattr(model_runner, _STATE_ATTR, state)
         backend = TokenButlerAttnBackend(model_runner, state)
+        heads = state.kv_heads
         logger.info(
-            "%s; sketch cache %.2f GB over %d layers (%s backend on %s)",
-            describe(resolved, backend.table_len), state.sketch_bytes / 2**30, len(state.sketch), BACKEND_NAME,
-            release_note(),
+            "%s; sketch cache %.2f GB over %d layers, KV heads %d-%d of %d (attention-TP rank %d of %d) (%s backend on %s)",
+            describe(resolved, backend.table_len), state.sketch_bytes / 2**30, len(state.sketch), heads.start,
+            heads.stop - 1, resolved.config.num_key_value_heads, state.tp_rank, state.tp_size, BACKEND_NAME, release_note(),
         )
         return backend
     return TokenButlerAttnBackend(model_runner, state)

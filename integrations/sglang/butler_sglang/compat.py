@@ -26,10 +26,14 @@ what 0.5.23 changed). Read from the two wheels:
   are refused.
 * ``rotary_problem(rotary)``: 0.5.23's ``RotaryEmbedding`` has ``position_start`` (table row 0 is that
   position); format-2 predictors need it to be 0.
-* ``install_producer_hook(layers, p, on_stream)``: 0.5.12's Llama layers return ``(hidden_states,
-  residual)`` with the add deferred, so a forward hook on layer ``p`` sees the stream; 0.5.23's return one
-  tensor and keep the residual in ``forward_batch.residual_stream``, and their ``capture_output`` callback
+* ``install_producer_hook(layers, p, on_stream, start_layer)``: 0.5.12's Llama layers return ``(hidden_states,
+  residual)`` with the add deferred, so a forward hook on layer ``p`` sees the stream (on a pipeline stage
+  that starts at ``p + 1``, a forward pre-hook on that layer sees it as the stage's input); 0.5.23's return
+  one tensor and keep the residual in ``forward_batch.residual_stream``, and their ``capture_output`` callback
   receives the updated stream before the attention, so a forward pre-hook on layer ``p + 1`` chains one in.
+* ``attention_tp(model_runner)``: this process's attention-TP rank and size, which fix the KV heads it
+  holds: ``dp_attention.get_attention_tp_rank/size()`` (0.5.12), the runtime context's
+  ``get_parallel().attn_tp_rank/attn_tp_size`` (0.5.23).
 
 The CUDA-graph metadata entry points differ too: 0.5.12 calls ``init_forward_metadata_capture_cuda_graph``
 and ``init_forward_metadata_replay_cuda_graph``; 0.5.23 removed them and calls
@@ -39,7 +43,8 @@ Unchanged: the ``sglang.srt.plugins`` entry-point group and ``load_plugins``, ``
 AFTER hooks on ``ServerArgs.add_cli_args``, ``from_cli_args`` and ``check_server_args``, which the
 launcher still calls, after ``resolve_once`` in 0.5.23), ``register_attention_backend`` and
 ``add_attention_backend_choices``, ``MHATokenToKVPool``'s ``[slots, H_kv, D]`` buffers,
-``ReqToTokenPool.req_to_token``, the Triton backend's constructor ``(model_runner)``,
+``ReqToTokenPool.req_to_token``, ``sglang.srt.distributed.utils.get_pp_indices`` (a pipeline stage's layers,
+``SGLANG_PP_LAYER_PARTITION``), ``QKVParallelLinear``'s KV-head sharding, the Triton backend's constructor ``(model_runner)``,
 ``init_forward_metadata`` and ``init_cuda_graph_state``, the first arguments of ``forward_decode`` (0.5.23
 adds ``score_mod`` and ``aux_tensors``), and the rotary ``cos_sin_cache`` layout (``[max_pos, D]``, cos | sin).
 
@@ -106,6 +111,21 @@ class SGLang0512:
         """Settings of this release only that the backend refuses (each with its fix)."""
         return []
 
+    def pp_indices(self, num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+        """The decoder layers ``[start, end)`` of pipeline stage ``pp_rank``, as the model builds them
+        (``SGLANG_PP_LAYER_PARTITION`` or the even split)."""
+        from sglang.srt.distributed.utils import get_pp_indices
+
+        return get_pp_indices(num_layers, pp_rank, pp_size)
+
+    # ----- parallel groups -------------------------------------------------------------------------
+    def attention_tp(self, model_runner) -> tuple[int, int]:
+        """``(rank, size)`` of this process in its attention-TP group (the group the KV heads are sharded
+        over; the TP group itself without DP attention, which the plugin refuses)."""
+        from sglang.srt.layers.dp_attention import get_attention_tp_rank, get_attention_tp_size
+
+        return int(get_attention_tp_rank()), int(get_attention_tp_size())
+
     # ----- KV pool ---------------------------------------------------------------------------------
     def cell_size_inputs(self, configurator_arg) -> CellSizeInputs:
         """``DefaultPoolConfigurator._compute_cell_size(self, ARG, num_layers)``: ARG is the ModelRunner."""
@@ -138,14 +158,19 @@ class SGLang0512:
         """Why the rotary table cannot give a format-2 predictor its angles at ``cos_sin_cache[position]``."""
         return None
 
-    def install_producer_hook(self, layers, producer_layer: int, on_stream: Callable):
+    def install_producer_hook(self, layers, producer_layer: int, on_stream: Callable, start_layer: int = 0):
         """Call ``on_stream(hidden, residual)`` at every decode step with the residual stream after decoder
         layer ``producer_layer`` (``hidden + residual``; ``residual`` may be ``None`` when ``hidden`` is the
         whole stream). Installed before CUDA-graph capture, so it runs inside the captured decode graphs.
-        Returns the hook's handle.
+        Returns the hook's handle. ``start_layer``: the first layer of this pipeline stage; a producer layer
+        before it must be ``start_layer - 1``, whose stream is the stage's input.
 
         0.5.12: layers return ``(hidden_states, residual)`` with the residual add deferred; a forward
-        hook on the producer layer sees both."""
+        hook on the producer layer sees both. On a stage that starts right after the producer layer, the
+        stage's first layer receives them (``pp_proxy_tensors``) as ``(positions, hidden_states,
+        forward_batch, residual)``: a forward pre-hook on it sees the same stream."""
+        if producer_layer < start_layer:
+            return self._stage_input_hook(layers, producer_layer, on_stream, start_layer)
 
         def hook(module, args, kwargs, output):
             if _decode_step(args, kwargs) is None:
@@ -157,6 +182,23 @@ class SGLang0512:
             return None
 
         return layers[producer_layer].register_forward_hook(hook, with_kwargs=True)
+
+    def _stage_input_hook(self, layers, producer_layer: int, on_stream: Callable, start_layer: int):
+        if producer_layer != start_layer - 1:
+            raise ValueError(
+                f"producer layer {producer_layer} runs on an earlier pipeline stage than layer {start_layer}; only the "
+                f"stream after layer {start_layer - 1} reaches this stage (butler_sglang.parallel.stage_problem)"
+            )
+
+        def pre_hook(module, args, kwargs):
+            if _decode_step(args, kwargs) is None:
+                return None
+            hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
+            residual = args[3] if len(args) > 3 else kwargs.get("residual")
+            on_stream(hidden, residual)
+            return None
+
+        return layers[start_layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 class SGLang0523(SGLang0512):
@@ -186,7 +228,11 @@ class SGLang0523(SGLang0512):
         g = lambda name, default=None: self.setting(server_args, name, default)  # noqa: E731
         out = []
         if (g("attn_dp_size") or 1) > 1:
-            out.append(f"--attn-dp-size {g('attn_dp_size')} (attention data parallelism) is not supported with tokenbutler")
+            out.append(
+                f"--attn-dp-size {g('attn_dp_size')} (attention data parallelism) is not supported with tokenbutler: it moves "
+                "the tokens between attention-DP groups at every layer boundary, so a producer's residual stream does not "
+                "hold its rank's decode rows (untested); for Llama/Mistral use --tp-size, and --dp-size for replicas"
+            )
         if (g("dcp_size") or 1) > 1:
             out.append(f"--dcp-size {g('dcp_size')} (decode context parallelism) is not supported with tokenbutler")
         for name, flag in (
@@ -197,6 +243,12 @@ class SGLang0523(SGLang0512):
             if g(name):
                 out.append(f"{flag} is not supported with tokenbutler (the sketch cache is indexed by physical KV slot)")
         return out
+
+    def attention_tp(self, model_runner) -> tuple[int, int]:
+        from sglang.srt.runtime_context import get_parallel
+
+        parallel = get_parallel()
+        return int(parallel.attn_tp_rank), int(parallel.attn_tp_size)
 
     def cell_size_inputs(self, configurator_arg) -> CellSizeInputs:
         """0.5.23: ARG is the ``KVCacheConfigurator`` (``mem_cache.kv_cache_configurator``)."""
@@ -241,13 +293,20 @@ class SGLang0523(SGLang0512):
             return f"{type(rotary).__name__}'s table starts at position {start} (position_start), not 0"
         return None
 
-    def install_producer_hook(self, layers, producer_layer: int, on_stream: Callable):
+    def install_producer_hook(self, layers, producer_layer: int, on_stream: Callable, start_layer: int = 0):
         """0.5.23: a layer returns one tensor and keeps the residual in ``forward_batch.residual_stream``;
         its ``capture_output`` callback receives the updated residual stream (the previous layer's output
         plus the residual, what a transformers decoder layer outputs) before its attention. A forward
         pre-hook on layer ``producer_layer + 1`` chains ``on_stream`` into that callback (after any
         callback SGLang passes, e.g. Eagle's auxiliary hidden states); the value is borrowed storage,
-        which ``on_stream`` only reads."""
+        which ``on_stream`` only reads. On a pipeline stage that starts at ``producer_layer + 1`` that layer
+        is the stage's first, which receives the stream from the previous stage (``attn_boundary.from_pp``)
+        and captures it the same way."""
+        if producer_layer < start_layer - 1:
+            raise ValueError(
+                f"producer layer {producer_layer} runs on an earlier pipeline stage than layer {start_layer}; only the "
+                f"stream after layer {start_layer - 1} reaches this stage (butler_sglang.parallel.stage_problem)"
+            )
         consumer = producer_layer + 1
 
         def pre_hook(module, args, kwargs):

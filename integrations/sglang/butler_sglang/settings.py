@@ -237,8 +237,13 @@ def unsupported_reasons(server_args) -> list[str]:
         out.append(f"--kv-cache-dtype {kv} is not supported (fp8/fp4 KV caches are untested): use auto")
     if (g("page_size") or 1) != 1:
         out.append(f"--page-size {g('page_size')} is not supported (only page size 1 is tested)")
+    if g("enable_dp_attention"):
+        out.append(
+            "--enable-dp-attention is not supported with tokenbutler: attention data parallelism moves the tokens between "
+            "attention-DP groups at every layer boundary, so a producer's residual stream does not hold its rank's decode "
+            "rows (untested); for Llama/Mistral use --tp-size, and --dp-size for independent replicas"
+        )
     for name, flag in (
-        ("enable_dp_attention", "--enable-dp-attention"),
         ("enable_torch_compile", "--enable-torch-compile"),
         ("enable_two_batch_overlap", "--enable-two-batch-overlap"),
         ("enable_pdmux", "--enable-pdmux"),
@@ -249,10 +254,12 @@ def unsupported_reasons(server_args) -> list[str]:
             out.append(f"{flag} is not supported with tokenbutler")
     if g("disaggregation_mode", "null") not in (None, "null"):
         out.append(f"--disaggregation-mode {g('disaggregation_mode')} is not supported (the sketch cache is not transferred)")
-    for name, flag in (("tp_size", "--tp-size"), ("pp_size", "--pp-size"), ("dp_size", "--dp-size"),
-                       ("attn_cp_size", "--attention-context-parallel-size")):
-        if (g(name) or 1) > 1:
-            out.append(f"{flag} {g(name)} is not supported yet (one GPU per model replica)")
+    # --tp-size and --dp-size (replicas) are supported; --pp-size depends on the partition (resolve)
+    if (g("attn_cp_size") or 1) > 1:
+        out.append(
+            f"--attention-context-parallel-size {g('attn_cp_size')} is not supported with tokenbutler: it splits a request's "
+            "KV cache over ranks, and the selection ranks a request's whole context"
+        )
     if g("dllm_algorithm"):
         out.append("diffusion LLM decoding is not supported")
     out += adapter.extra_unsupported(sa)
@@ -330,6 +337,7 @@ def resolve(server_args, hf_config=None) -> Resolved:
     if hf_config is None:
         hf_config = _served_hf_config(server_args)
     _check_model(config, hf_config, predictor)
+    _check_parallel(config, server_args)
 
     from butler_zoo.errors import BudgetError
 
@@ -380,6 +388,29 @@ def _check_model(config, hf_config, predictor: str) -> None:
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(hf_config, name, None):
             raise TokenButlerStartupError(f"models with {name} are not supported by tokenbutler")
+
+
+def _check_parallel(config, server_args) -> None:
+    """Tensor parallelism: the KV heads must split over (or replicate evenly on) the attention-TP ranks.
+    Pipeline parallelism: every stage must be able to run the producers of the layers it serves
+    (``parallel.pipeline_problem``, on the partition SGLang will build)."""
+    from butler_sglang.compat import api
+    from butler_sglang.parallel import kv_heads_of_rank, pipeline_problem
+
+    adapter = api()
+    tp = int(adapter.setting(server_args, "tp_size", 1) or 1)
+    try:
+        kv_heads_of_rank(config.num_key_value_heads, tp, 0)
+    except ValueError as e:
+        raise TokenButlerStartupError(f"--tp-size {tp}: {e}") from None
+    pp = int(adapter.setting(server_args, "pp_size", 1) or 1)
+    if pp > 1:
+        try:
+            problem = pipeline_problem(config, pp, lambda rank: adapter.pp_indices(config.num_hidden_layers, rank, pp))
+        except ValueError as e:  # a malformed SGLANG_PP_LAYER_PARTITION
+            raise TokenButlerStartupError(f"--pp-size {pp}: {e}") from None
+        if problem:
+            raise TokenButlerStartupError(problem)
 
 
 def validate_server_args(server_args) -> Resolved | None:
