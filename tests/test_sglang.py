@@ -19,6 +19,7 @@ release, and every assertion holds for both.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -72,13 +73,16 @@ def _probe(version: str) -> SGLangVenv:
     return SGLangVenv(version, python, "" if has_torchvision == "True" else str(STUBS), installed)
 
 
-# probed in the pytest process only (the checks below run this file as a script in each venv)
-VENVS = {} if __name__ == "__main__" else {v: _probe(v) for v in SUPPORTED_SGLANG_VERSIONS}
+# probed in the pytest process only, once per release, when a test asks for it (the checks below run
+# this file, and tests/test_sglang_parallel.py, as scripts in each venv and import these helpers there)
+@functools.lru_cache(maxsize=None)
+def _venv_of(version: str) -> SGLangVenv:
+    return _probe(version)
 
 
 @pytest.fixture(params=SUPPORTED_SGLANG_VERSIONS, ids=lambda v: f"sglang-{v}")
 def venv(request) -> SGLangVenv:
-    env = VENVS[request.param]
+    env = _venv_of(request.param)
     if env.pythonpath is None:
         pytest.skip(env.reason)
     assert env.installed == env.version, f"{env.python} holds sglang {env.installed}, not {env.version}: run `{MAKE_VENVS} {env.version}`"
@@ -104,8 +108,9 @@ def _run(venv: SGLangVenv, args: list[str], *, timeout: int = 420, extra_env: di
         return subprocess.run([str(venv.python), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _inner(venv: SGLangVenv, name: str, tmp_path: Path) -> dict:
-    proc = _run(venv, [str(Path(__file__).resolve()), name, str(tmp_path)])
+def _inner(venv: SGLangVenv, name: str, tmp_path: Path, script: Path | None = None) -> dict:
+    """Run check ``name`` of ``script`` (default: this file) in the venv; its ``RESULT`` line."""
+    proc = _run(venv, [str((script or Path(__file__)).resolve()), name, str(tmp_path)])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"`{name}` on SGLang {venv.version} failed (rc {proc.returncode}):\n{out[-6000:]}"
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -297,9 +302,10 @@ def _error_of(fn) -> str:
     return "no exit"
 
 
-def _cell_size(sa, num_layers: int) -> int:
+def _cell_size(sa, num_layers: int, tp: int = 1) -> int:
     """``DefaultPoolConfigurator._compute_cell_size`` (hooked by the plugin) for the tiny model, bf16, with
-    what each release hands it: the ModelRunner (0.5.12), the KVCacheConfigurator (0.5.23)."""
+    what each release hands it: the ModelRunner (0.5.12), the KVCacheConfigurator (0.5.23); on rank 0 of
+    ``tp`` attention-TP ranks."""
     from types import SimpleNamespace
 
     import torch
@@ -311,13 +317,13 @@ def _cell_size(sa, num_layers: int) -> int:
         import sglang.srt.layers.dp_attention as dpa
         import sglang.srt.model_executor.pool_configurator as pc
 
-        pc.get_attention_tp_size = dpa.get_attention_tp_size = lambda: 1  # no distributed init on CPU
+        pc.get_attention_tp_size = dpa.get_attention_tp_size = lambda: tp  # no distributed init on CPU
         arg = SimpleNamespace(**common, model_config=sa.get_model_config(), dtype=torch.bfloat16, start_layer=0)
     else:
         from sglang.srt.arg_groups.overrides import model_config_of
         from sglang.srt.server_args import set_global_server_args_for_scheduler
 
-        set_global_server_args_for_scheduler(sa)  # the runtime context get_parallel() reads (TP 1)
+        set_global_server_args_for_scheduler(sa)  # the runtime context get_parallel() reads (sa's TP size)
         cfgr.kv_cache_dtype_str = "auto"
         arg = SimpleNamespace(**common, model_config=model_config_of(sa), model_dtype=torch.bfloat16, pp_size=1,
                               layer_info=SimpleNamespace(start_layer=0, end_layer=num_layers, num_effective_layers=num_layers))
@@ -410,7 +416,26 @@ def _check_flags(tmp: Path) -> dict:
     }
 
 
-def _fake_runner(sa, dtype, layers, forward=None):
+def _set_attention_tp(sa, rank: int, size: int) -> None:
+    """This process as attention-TP rank ``rank`` of ``size``, where SGLang's Triton backend and the plugin
+    (``compat.attention_tp``) read it, without a distributed init (none on the CPU): 0.5.12's
+    ``dp_attention`` functions, 0.5.23's runtime context (published for ``sa``, the rank stamped)."""
+    if _sglang_version() == "0.5.12":
+        import sglang.srt.layers.attention.triton_backend as tb
+        import sglang.srt.layers.dp_attention as dpa
+
+        dpa.get_attention_tp_rank = lambda: rank
+        dpa.get_attention_tp_size = tb.get_attention_tp_size = lambda: size
+        return
+    from sglang.srt.runtime_context import get_parallel
+    from sglang.srt.server_args import set_global_server_args_for_scheduler
+
+    get_parallel().clear_stamp()  # an earlier call's rank, which would contradict sa's TP size
+    set_global_server_args_for_scheduler(sa)
+    get_parallel().override_permanently(attn_tp_rank=rank, attn_tp_size=size)
+
+
+def _fake_runner(sa, dtype, layers, forward=None, kv_heads: int = HKV, start_layer: int = 0, end_layer: int = L):
     """The attributes of ModelRunner that TritonAttnBackend and the plugin read, around SGLang's own
     ReqToTokenPool and MHATokenToKVPool; ``forward(forward_batch)`` stands for the model's forward."""
     import types
@@ -419,14 +444,14 @@ def _fake_runner(sa, dtype, layers, forward=None):
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
     r2t = ReqToTokenPool(size=4, max_context_len=160, device="cpu", enable_memory_saver=False)
-    pool = MHATokenToKVPool(600, page_size=1, dtype=dtype, head_num=HKV, head_dim=D, layer_num=L, device="cpu",
-                            enable_memory_saver=False)
+    pool = MHATokenToKVPool(600, page_size=1, dtype=dtype, head_num=kv_heads, head_dim=D, layer_num=end_layer - start_layer,
+                            device="cpu", enable_memory_saver=False, start_layer=start_layer)
     model = types.SimpleNamespace(model=types.SimpleNamespace(layers=torch.nn.ModuleList(layers)))
     runner = types.SimpleNamespace(
         server_args=sa, req_to_token_pool=r2t, token_to_kv_pool=pool,
         token_to_kv_pool_allocator=None, sliding_window_size=None, hybrid_gdn_config=None, kimi_linear_config=None,
         linear_attn_model_spec=None, device="cpu", gpu_id=0, dtype=dtype, model=model, is_draft_worker=False,
-        start_layer=0, end_layer=L, forward=forward or (lambda forward_batch, *a, **kw: None),
+        start_layer=start_layer, end_layer=end_layer, forward=forward or (lambda forward_batch, *a, **kw: None),
     )
     if _sglang_version() == "0.5.12":
         runner.model_config = sa.get_model_config()
@@ -537,9 +562,8 @@ def _check_decode(tmp: Path) -> dict:
     from butler_kernels import reference as ref
     from butler_sglang import backend as bb
 
-    if _sglang_version() == "0.5.12":
-        tb.get_attention_tp_size = lambda: 1  # no distributed init on CPU: attention TP size 1 (0.5.23: the runtime context's)
     model_dir, pred2 = _make_model_and_predictor(tmp)
+    _set_attention_tp(_server_args(model_dir, "--attention-backend", "triton"), 0, 1)
     _, pred1 = _make_model_and_predictor(tmp, name="pred-format-1", format_version=1)
     dtype = torch.float32  # the Triton interpreter's bf16 dots are not exact
     DecoderLayer, run_layers = _decoder_layer_class()
