@@ -11,7 +11,9 @@
   run.py smollm2      SmolLM2-135M-Instruct (converted from the carried GGUF): greedy outputs of a
                       prompt set, dense vs tokenbutler at full budget (must be identical) and at 25%.
 
-Each writes $OUT/<name>.json and prints a compact table at the end. Servers run in their own
+Each writes $OUT/<name>.json and prints a compact table at the end. PARALLEL="--tp-size 2" (or
+"--dp-size 2") runs every server of functional and bench in that layout (not run yet: no multi-GPU
+machine has been lent). Servers run in their own
 process group (killed at the end, also on errors) from /tmp, with logs in $OUT/server-*.log.
 """
 from __future__ import annotations
@@ -44,6 +46,12 @@ EAGER = ["--disable-cuda-graph", "--disable-piecewise-cuda-graph"]
 # Decode CUDA graphs on (the configuration of the dense baseline); the piecewise *prefill* graph is
 # off to save ~70 s of torch.compile per server: it does not change decode throughput.
 GRAPHS = ["--cuda-graph-max-bs", "16", "--disable-piecewise-cuda-graph"]
+# Parallel layout of every server, dense and tokenbutler alike (issue 23), e.g. PARALLEL="--tp-size 2" or
+# PARALLEL="--dp-size 2" on a 2-GPU machine. NOT RUN YET: no multi-GPU machine has been lent; written for
+# the first one (docs/sglang.md, Parallelism). The result files get the layout as a suffix (functional-tp2.json).
+PARALLEL = os.environ.get("PARALLEL", "").split()
+SUFFIX = "".join(f"-{flag.lstrip('-').split('-')[0]}{value}" for flag, value in zip(PARALLEL[::2], PARALLEL[1::2]))
+COMMON += PARALLEL
 
 
 def log(*a):
@@ -228,7 +236,7 @@ def functional() -> None:
         msg = next((l for l in text.splitlines() if needle in l), "")
         report["refused"][name] = {"refused": (not s.ready) and rc not in (0, None), "rc": rc, "message_found": bool(msg),
                                    "message": msg[-400:], "s": s.start_s}
-    (OUT / "functional.json").write_text(json.dumps(report, indent=2))
+    (OUT / f"functional{SUFFIX}.json").write_text(json.dumps(report, indent=2))
     rows = []
     for name, r in report["servers"].items():
         c = r["concurrent"]
@@ -257,7 +265,7 @@ def bench(names: str) -> None:
     # $OUT is new for every `run` call: results accumulate in /tmp (kept while the machine is warm), so
     # the table of the last call compares every server measured so far
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_file = RESULTS / "bench.json"
+    out_file = RESULTS / f"bench{SUFFIX}.json"
     report = json.loads(out_file.read_text()) if out_file.is_file() else {}
     for name in names.split(","):
         flags = [f for f in BENCH_SERVERS[name] if f != "TB"]
@@ -289,7 +297,7 @@ def bench(names: str) -> None:
                             "gen_throughput_log": [l[-160:] for l in s.grep(r"gen throughput")][-6:],
                             "tokenbutler_log": [l[-300:] for l in s.grep(r"TokenButler")][:4]}
         out_file.write_text(json.dumps(report, indent=2))
-        (OUT / "bench.json").write_text(json.dumps(report, indent=2))
+        (OUT / f"bench{SUFFIX}.json").write_text(json.dumps(report, indent=2))
     baseline = {"b1x8192": 105.7, "b16x8192": 1107, "b1x32768": (53.0, 115.7)}
     rows = []
     for name, r in report.items():
