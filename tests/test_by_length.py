@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from butler_training.by_length import LengthEvalConfig, _needle_accuracy, evaluate_by_length, format_length_table
-from butler_training.needle import NEEDLE, QUESTION, make_needle_samples, needle_batches
+from butler_training.needle import KEY_KINDS, make_needle_samples, needle_batches
 from butler_training.train import TrainConfig, train
 from conftest import char_tokenizer
 from tiny_models import tiny_model
@@ -79,21 +79,32 @@ def test_long_context_path_runs_past_the_training_length(trained, tmp_path):
     assert "| 160 | 25% |" in table and table.count("\n") == 1 + 2 * 2
 
 
-def test_needle_samples_are_exact():
+@pytest.mark.parametrize("kind", sorted(KEY_KINDS))
+def test_needle_samples_are_exact(kind):
+    NEEDLE, QUESTION = KEY_KINDS[kind]
     tok = char_tokenizer()
     hay = tok(TEXT * 20, add_special_tokens=False)["input_ids"]
-    samples = make_needle_samples(tok, hay, 300, [0.0, 0.5, 1.0], per_depth=2, seed=1)
+    samples = make_needle_samples(tok, hay, 300, [0.0, 0.5, 1.0], per_depth=2, seed=1, key_kind=kind)
     assert len(samples) == 6 and all(len(s.ids) == 300 for s in samples)
     for s in samples:
         text = tok.decode(s.ids)
         s0, e0 = s.answer
-        assert tok.decode(s.ids[s0:e0]).replace(" ", "") == s.key and len(s.key) == 5
+        assert tok.decode(s.ids[s0:e0]).replace(" ", "") == s.key
+        if kind == "digits":
+            assert len(s.key) == 5 and s.key.isdigit()
+        else:
+            assert s.key[0].isupper() and s.key[1:].islower() and 6 <= len(s.key) <= 12
         assert text.endswith(QUESTION + " " + s.key + ".")
         needle = NEEDLE.format(key=s.key)
         at = text.index(needle)
         fill = 300 - len(tok(needle + QUESTION + " " + s.key + ".", add_special_tokens=False)["input_ids"])
         assert at == round(s.depth * fill)  # one character per token: the needle sits at its depth
     assert len({s.key for s in samples}) == 6
+
+
+def test_needle_refuses_an_unknown_key_kind():
+    with pytest.raises(ValueError, match="unknown needle key kind 'emoji'; choose one of words, digits"):
+        make_needle_samples(char_tokenizer(), list(range(3, 90)) * 10, 160, [0.5], 1, key_kind="emoji")
 
 
 class _FixedLogits:
@@ -115,25 +126,25 @@ class _FixedLogits:
 
 
 def test_needle_scoring_on_hand_made_cases():
-    """Three samples: every answer token right (correct), one digit wrong (wrong), right only after the
-    answer's first token (wrong). Accuracy 1/3, and by cell."""
+    """Four samples, answer span 6:9 (its first token predicted by the dense prompt row 5, the other two by
+    decode rows 6 and 7): every token right (correct); the 2nd key token wrong (wrong); the last wrong
+    (wrong); only the first wrong (correct: the method decoded the rest, the first is the prompt's)."""
     V = 20
     base = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-    samples = []
-    for first in (1, 2, 13):
-        ids = torch.tensor([first] + base[1:])
-        samples.append(ids)
-    ids = torch.stack(samples)
-    spans = [(6, 9)] * 3
+    ids = torch.stack([torch.tensor([first] + base[1:]) for first in (1, 2, 13, 14)])
+    spans = [(6, 9)] * 4
     right = torch.cat([ids[0, 1:], torch.tensor([0])])  # row i predicts token i+1
-    one_wrong = right.clone()
-    one_wrong[7] = 19  # predicts the answer's 2nd token wrong
-    first_wrong = right.clone()
-    first_wrong[5] = 19  # the row before the answer predicts its 1st token wrong
-    sim = _FixedLogits({1: right, 2: one_wrong, 13: first_wrong}, V)
-    r = _needle_accuracy(sim, [(ids, spans, 6, ["a", "b", "b"])], None, lambda L, P: None, "cpu")
-    assert r["accuracy"] == pytest.approx(1 / 3) and r["samples"] == 3
-    assert r["token_accuracy"] == pytest.approx(7 / 9)  # 3 + 2 + 2 of the 3 x 3 answer tokens
-    assert r["by_cell"] == {"a": 1.0, "b": 0.0}
-    batches = needle_batches(make_needle_samples(char_tokenizer(), list(range(3, 90)) * 10, 120, [0.5], 3), 2)
-    assert [b[0].shape for b in batches] == [torch.Size([2, 120]), torch.Size([1, 120])]
+    second_wrong, last_wrong, first_wrong = right.clone(), right.clone(), right.clone()
+    second_wrong[6] = 19
+    last_wrong[7] = 19
+    first_wrong[5] = 19
+    sim = _FixedLogits({1: right, 2: second_wrong, 13: last_wrong, 14: first_wrong}, V)
+    r = _needle_accuracy(sim, [(ids, spans, 6, ["a", "b", "b", "c"])], None, lambda L, P: None, "cpu")
+    assert r["accuracy"] == pytest.approx(2 / 4) and r["samples"] == 4
+    assert r["token_accuracy"] == pytest.approx(6 / 8)  # decoded tokens: 2 + 1 + 1 + 2 of 4 x 2
+    assert r["first_token_accuracy"] == pytest.approx(3 / 4)
+    assert r["by_cell"] == {"a": 1.0, "b": 0.0, "c": 1.0}
+    with pytest.raises(ValueError, match="leaves no token to decode"):
+        _needle_accuracy(sim, [(ids, [(6, 7)] * 4, 6, ["a"] * 4)], None, lambda L, P: None, "cpu")
+    batches = needle_batches(make_needle_samples(char_tokenizer(), list(range(3, 90)) * 10, 160, [0.5], 3), 2)
+    assert [b[0].shape for b in batches] == [torch.Size([2, 160]), torch.Size([1, 160])]

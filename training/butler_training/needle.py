@@ -1,13 +1,23 @@
 """Pass-key retrieval in long haystacks of held-out text ("needle in a haystack").
 
-A sample is ``<haystack, with a needle at depth d> <question> <answer>``: the needle ``The pass key is
-58213. Remember it. 58213 is the pass key.`` sits at a fraction ``d`` of a haystack cut from held-out
-text, the question ``What is the pass key? The pass key is`` closes the prompt and the answer is the
-five-digit key. Everything before the answer is the prompt, prefilled densely as a server would; the
-answer is decoded under the method's policy. Teacher-forced, a sample is *correct* when every answer
-token is the argmax prediction of the row before it; the first digit comes from the prompt's last row
-(dense, as the first generated token of a real request), the others from decode rows, which must
-retrieve the key from thousands of tokens back. Keys are random (seeded), so they cannot be guessed.
+A sample is ``<haystack, with a needle at depth d> <question> <answer>``: the needle sits at a fraction
+``d`` of a haystack cut from held-out text, a question closes the prompt and the answer is the key.
+Everything before the answer is the prompt, prefilled densely as a server would; the answer is decoded
+under the method's policy. The key's first token comes from the prompt's last row (dense, as the first
+generated token of a real request: the same for every method, scored apart); the others from decode rows,
+which must find the needle thousands of tokens back to copy it. Teacher-forced, a sample is *correct* when
+each of those decoded tokens is the argmax prediction of the row before it
+(``by_length._needle_accuracy``). Keys are random (seeded), so they cannot be guessed.
+
+Two kinds of key (``KEY_KINDS``):
+
+- ``words`` (the default): an invented word of three random syllables, ``The secret word is Velmorka.
+  Remember it. Velmorka is the secret word.``; ``What is the secret word? The secret word is``
+  ``Velmorka``. It is several tokens, none of them guessable from the ones before.
+- ``digits``: the classic five-digit pass key, ``The pass key is 58213. ...``. SmolLM2-135M fails it
+  even with dense attention from 4K tokens on (accuracy 0 at every depth on the H200 run of
+  eval_by_length.json), so at that size it measures nothing about the sparse methods; it is kept for
+  larger bases.
 """
 
 from __future__ import annotations
@@ -17,10 +27,26 @@ import random
 
 import torch
 
-__all__ = ["NeedleSample", "make_needle_samples", "needle_batches"]
+__all__ = ["KEY_KINDS", "NeedleSample", "make_needle_samples", "needle_batches", "NEEDLE", "QUESTION"]
 
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
+# (needle, question): the needle names the key twice, as pass-key tests do
+KEY_KINDS = {
+    "words": (" The secret word is {key}. Remember it. {key} is the secret word.",
+              " What is the secret word? The secret word is"),
+    "digits": (" The pass key is {key}. Remember it. {key} is the pass key.",
+               " What is the pass key? The pass key is"),
+}
+NEEDLE, QUESTION = KEY_KINDS["digits"]
+# syllables of the invented words: none is an English word on its own, so the model cannot complete one
+# from its first syllable (the co-reference task's names are made the same way)
+SYLLABLES = ("vel", "mor", "ka", "tri", "dan", "sul", "qua", "ren", "lis", "zan", "thu", "gor", "nim", "vra",
+             "ster", "ib", "cor", "fen", "wex", "del", "rou", "bex", "tal", "pim")
+
+
+def _key(rng: random.Random, kind: str) -> str:
+    if kind == "digits":
+        return str(rng.randrange(10_000, 100_000))
+    return "".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()
 
 
 @dataclasses.dataclass
@@ -33,24 +59,27 @@ class NeedleSample:
 
 
 def make_needle_samples(tokenizer, haystack: list[int] | torch.Tensor, length: int, depths, per_depth: int,
-                        seed: int = 0) -> list[NeedleSample]:
+                        seed: int = 0, key_kind: str = "words") -> list[NeedleSample]:
     """``per_depth`` samples of exactly ``length`` tokens for each needle depth (a fraction of the
     haystack before the needle), each haystack cut at a random offset of ``haystack`` (token ids of
-    held-out text)."""
+    held-out text), with keys of ``key_kind`` (see ``KEY_KINDS``)."""
+    if key_kind not in KEY_KINDS:
+        raise ValueError(f"unknown needle key kind {key_kind!r}; choose one of {', '.join(KEY_KINDS)}")
+    needle_text, question_text = KEY_KINDS[key_kind]
     rng = random.Random(seed * 1_000_003 + length)
     hay = [int(t) for t in haystack]
 
     def enc(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    question = enc(QUESTION)
+    question = enc(question_text)
     samples = []
     for depth in depths:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"needle depth must be in [0, 1], got {depth}")
         for _ in range(per_depth):
-            key = str(rng.randrange(10_000, 100_000))
-            needle, answer, tail = enc(NEEDLE.format(key=key)), enc(" " + key), enc(".")
+            key = _key(rng, key_kind)
+            needle, answer, tail = enc(needle_text.format(key=key)), enc(" " + key), enc(".")
             fill = length - len(needle) - len(question) - len(answer) - len(tail)
             if fill < 1 or fill > len(hay):
                 raise ValueError(f"a {length}-token sample needs {fill} haystack tokens; {len(hay)} available")
