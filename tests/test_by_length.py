@@ -148,3 +148,28 @@ def test_needle_scoring_on_hand_made_cases():
         _needle_accuracy(sim, [(ids, [(6, 7)] * 4, 6, ["a"] * 4)], None, lambda L, P: None, "cpu")
     batches = needle_batches(make_needle_samples(char_tokenizer(), list(range(3, 90)) * 10, 160, [0.5], 3), 2)
     assert [b[0].shape for b in batches] == [torch.Size([2, 160]), torch.Size([1, 160])]
+
+
+def test_tasks_alone_and_merged_over_an_earlier_run(trained, tmp_path):
+    """A run with no lengths (a bare --seq-lens) measures only the tasks; --merge --tasks-from puts its tasks
+    beside the lengths of an earlier run and keeps the earlier run's tasks under ``superseded``."""
+    from butler_training.by_length import main, merge_results
+
+    model, tok, predictor, tmp = trained
+    data = _texts(tmp_path / "texts")
+    common = dict(data=[str(data)], prefill=16, sinks=2, window=8, methods=["tokenbutler"], fractions=[0.5],
+                  needle_depths=[0.5], needle_per_depth=1, coref_tokens=128, coref_samples=1, coref_prefill=16,
+                  task_methods=["dense", "tokenbutler"], task_fractions=[0.5], device="cpu", plot=True)
+    evaluate_by_length(LengthEvalConfig(out=str(tmp_path / "a"), seq_lens=[64], windows=1, needle_lengths=[160],
+                                        needle_key="digits", **common), model=model, tokenizer=tok, predictor=predictor)
+    tasks = evaluate_by_length(LengthEvalConfig(out=str(tmp_path / "b"), seq_lens=[], needle_lengths=[160], **common),
+                               model=model, tokenizer=tok, predictor=predictor)
+    assert tasks["by_length"] == {} and tasks["needle"]["key"] == "words" and tasks["coref"]["samples"] == 1
+    assert not (tmp_path / "b" / "eval_by_length.png").exists()  # nothing by length to plot
+    a, b = tmp_path / "a" / "eval_by_length.json", tmp_path / "b" / "eval_by_length.json"
+    with pytest.raises(SystemExit, match="a second needle result"):
+        merge_results([a, b], tmp_path / "m")
+    assert main(["--merge", str(tmp_path / "m"), str(a), "--tasks-from", str(b)]) == 0
+    merged = json.loads((tmp_path / "m" / "eval_by_length.json").read_text())
+    assert merged["seq_lens"] == [64] and merged["needle"]["key"] == "words" and merged["needle"]["source"]["file"] == b.name
+    assert [n["key"] for n in merged["superseded"]["needle"]] == ["digits"] and len(merged["superseded"]["coref"]) == 1

@@ -3,7 +3,8 @@ broken down by query position, layer and key distance, plus pass-key retrieval a
 
     butler-zoo eval --seq-lens 1024 2048 4096 8192 --out DIR [--predictor P] [--windows 8]
     python -m butler_training.by_length --seq-lens 1024 2048 4096 8192 --out DIR      # same options
-    python -m butler_training.by_length --merge OUT_DIR FILE...     # one eval_by_length.json from several runs
+    python -m butler_training.by_length --seq-lens --needle-lengths 4096 --out DIR  # the tasks alone
+    python -m butler_training.by_length --merge OUT_DIR FILE... [--tasks-from FILE]  # one eval_by_length.json
 
 For each length ``L`` it runs :func:`butler_training.evaluate.evaluate` on ``--windows`` held-out windows of
 ``L`` tokens (evenly spaced; prefill ``--prefill``; sinks/window as given; every method at every
@@ -216,7 +217,7 @@ def evaluate_by_length(cfg: LengthEvalConfig, *, model=None, tokenizer=None, pre
             result["coref"] = coref
             save()
     save()
-    if cfg.plot:
+    if cfg.plot and result["by_length"]:
         from butler_training.plots import plot_by_length, plot_recall_by_position
 
         plot_by_length(result, out / "eval_by_length.png")
@@ -241,23 +242,32 @@ def format_length_table(result: dict, metric: str = "ppl_rel", methods: Sequence
     return "\n".join(lines)
 
 
-def merge_results(paths: Sequence[str | Path], out: str | Path) -> dict:
+def merge_results(paths: Sequence[str | Path], out: str | Path, tasks_from: str | Path | None = None) -> dict:
     """One ``eval_by_length.json`` from the lengths of several runs: each path is an ``eval_by_length.json``
     (its lengths, pass-key and co-reference results) or the ``eval.json`` of one length (what a run that
     stopped early left, ``DIR/len-L/eval.json``). Every length keeps the command, machine, versions and
-    windows of the run it came from (``sources``); a length given twice is an error."""
+    windows of the run it came from (``sources``); a length given twice is an error. With ``tasks_from``
+    (an ``eval_by_length.json``), the pass-key and co-reference results are that file's; those of ``paths``
+    are kept under ``superseded``, with their provenance, so that nothing measured is lost."""
     merged: dict = {"by_length": {}, "needle": None, "coref": None, "sources": {}}
-    for path in map(Path, paths):
+    superseded: dict = {}
+    task_paths = [] if tasks_from is None else [Path(tasks_from)]
+    for path in [*map(Path, paths), *task_paths]:
         data = json.loads(path.read_text())
         prov = {"file": path.name, "command": data.get("command"), "machine": data.get("machine"),
                 "versions": data.get("versions"), "windows": data.get("windows")}
+        is_tasks = path in task_paths
         if "by_length" in data:
-            blocks = data["by_length"]
+            blocks = {} if is_tasks else data["by_length"]
             for key in ("needle", "coref"):
-                if data.get(key):
-                    if merged[key]:
-                        raise SystemExit(f"{path}: a second {key} result")
-                    merged[key] = {**data[key], "source": prov}
+                if not data.get(key):
+                    continue
+                if tasks_from is not None and not is_tasks:
+                    superseded.setdefault(key, []).append({**data[key], "source": data[key].get("source", prov)})
+                    continue
+                if merged[key]:
+                    raise SystemExit(f"{path}: a second {key} result (--tasks-from FILE says which to keep)")
+                merged[key] = {**data[key], "source": prov}
         else:  # one length's eval.json
             blocks = {str(data["seq_len"]): {"dense_ppl": data["dense_ppl"], "windows": data["windows"],
                                              "results": data["results"]}}
@@ -271,6 +281,8 @@ def merge_results(paths: Sequence[str | Path], out: str | Path) -> dict:
                 merged[key] = data[key]
             elif key in data and merged[key] != data[key] and key in ("split", "prefill_len"):
                 raise SystemExit(f"{path}: {key} {data[key]!r} differs from the other runs' {merged[key]!r}")
+    if superseded:
+        merged["superseded"] = superseded
     merged["seq_lens"] = sorted(int(L) for L in merged["by_length"])
     merged["by_length"] = {str(L): merged["by_length"][str(L)] for L in merged["seq_lens"]}
     out = Path(out)
@@ -282,7 +294,8 @@ def merge_results(paths: Sequence[str | Path], out: str | Path) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     d = LengthEvalConfig()
     p = argparse.ArgumentParser(prog="butler-zoo eval --seq-lens", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq-lens", type=int, nargs="+", required=True, help="context lengths (window sizes) to evaluate")
+    p.add_argument("--seq-lens", type=int, nargs="*", required=True,
+                   help="context lengths (window sizes) to evaluate; none (a bare --seq-lens) runs only the two tasks")
     p.add_argument("--out", required=True, help="folder for eval_by_length.json, the per-length eval.json and the plots")
     add_input_arguments(p, d)
     p.add_argument("--windows", type=int, default=d.windows, help=f"windows per length, evenly spaced (default {d.windows})")
@@ -312,9 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--merge"]:
+        tasks_from = None
+        if "--tasks-from" in argv:
+            i = argv.index("--tasks-from")
+            if i + 1 >= len(argv):
+                raise SystemExit("--tasks-from needs a file: --tasks-from DIR/eval_by_length.json")
+            tasks_from = argv[i + 1]
+            argv = argv[:i] + argv[i + 2 :]
         if len(argv) < 3:
-            raise SystemExit("usage: python -m butler_training.by_length --merge OUT_DIR FILE [FILE ...]")
-        merged = merge_results(argv[2:], argv[1])
+            raise SystemExit("usage: python -m butler_training.by_length --merge OUT_DIR FILE [FILE ...] [--tasks-from FILE]")
+        merged = merge_results(argv[2:], argv[1], tasks_from=tasks_from)
         print(format_length_table(merged))
         return 0
     args = build_parser().parse_args(argv)
