@@ -110,7 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--mem-limit-gb", type=float, default=70.0, help="skip configurations whose estimate exceeds this")
     p.add_argument("--l2-flush-mb", type=float, default=200.0, help="rotate copies until one round touches this much")
     p.add_argument("--max-copies", type=int, default=32)
-    p.add_argument("--peak-tbps", type=float, default=3.0, help="bandwidth the floor is computed at (H100 copy: ~3.0)")
+    p.add_argument("--peak-tbps", type=float, default=None,
+                   help="bandwidth the floor is computed at, TB/s (default: measured on this GPU by a device-to-device "
+                        "copy, see measure_copy_tbps; H100 ~3.0, H200 ~4.3)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--profile", action="store_true",
                    help="also list the GPU time of every kernel of one step (torch.profiler over CUDA-graph replays)")
@@ -491,6 +493,27 @@ def tuned_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def measure_copy_tbps(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """The GPU's achievable memory bandwidth in TB/s: the median of ``reps`` device-to-device copies of
+    ``nbytes`` (each reads and writes ``nbytes``), timed with CUDA events. The floor column uses it so that
+    "within Nx of the bytes floor" means the same on every GPU (a fixed 3.0 TB/s, the H100's, flattered
+    every kernel on an H200)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm up
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times) / 1e12
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -502,6 +525,9 @@ def main(argv=None) -> int:
     for score_scale in args.score_scale:
         check_score_scale(score_scale, dtype)
     elt = 2
+    if args.peak_tbps is None:
+        args.peak_tbps = round(measure_copy_tbps(), 2)
+        print(f"# bytes floor at {args.peak_tbps} TB/s: this GPU's device-to-device copy, measured now", flush=True)
     env = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "command": " ".join([sys.executable] + sys.argv),
