@@ -173,3 +173,29 @@ def test_tasks_alone_and_merged_over_an_earlier_run(trained, tmp_path):
     merged = json.loads((tmp_path / "m" / "eval_by_length.json").read_text())
     assert merged["seq_lens"] == [64] and merged["needle"]["key"] == "words" and merged["needle"]["source"]["file"] == b.name
     assert [n["key"] for n in merged["superseded"]["needle"]] == ["digits"] and len(merged["superseded"]["coref"]) == 1
+
+
+def test_tasks_resume_runs_only_what_is_missing(trained, tmp_path, monkeypatch):
+    """Each task configuration is saved as it finishes; --resume runs only the missing ones and refuses a
+    task made with other settings."""
+    import butler_training.by_length as bl
+
+    model, tok, predictor, tmp = trained
+    data = _texts(tmp_path / "texts")
+    cfg = dict(out=str(tmp_path / "t"), data=[str(data)], seq_lens=[], prefill=16, sinks=2, window=8,
+               needle_lengths=[160], needle_depths=[0.5], needle_per_depth=1, coref_samples=0,
+               task_methods=["dense", "tokenbutler"], task_fractions=[0.25, 0.5], device="cpu", plot=False)
+    first = evaluate_by_length(LengthEvalConfig(**cfg), model=model, tokenizer=tok, predictor=predictor)
+    assert [(r["method"], r["budget"]) for r in first["needle"]["results"]] == [("dense", 1.0), ("tokenbutler", 0.25), ("tokenbutler", 0.5)]
+    path = tmp_path / "t" / "eval_by_length.json"
+    saved = json.loads(path.read_text())
+    saved["needle"]["results"] = saved["needle"]["results"][:2]  # as if stopped during the last configuration
+    path.write_text(json.dumps(saved))
+    calls = []
+    real = bl._needle_accuracy
+    monkeypatch.setattr(bl, "_needle_accuracy", lambda *a: calls.append(a) or real(*a))
+    again = evaluate_by_length(LengthEvalConfig(**cfg, resume=True), model=model, tokenizer=tok, predictor=predictor)
+    assert len(calls) == 1 and again["needle"]["results"] == first["needle"]["results"]
+    with pytest.raises(SystemExit, match="needle results .* other settings"):
+        evaluate_by_length(LengthEvalConfig(**{**cfg, "needle_depths": [0.2]}, resume=True), model=model, tokenizer=tok,
+                           predictor=predictor)

@@ -186,36 +186,41 @@ def evaluate_by_length(cfg: LengthEvalConfig, *, model=None, tokenizer=None, pre
     methods = [m for m in cfg.task_methods if m == "dense" or m in ALL_METHODS]
     configs = [(m, 1.0 if m == "dense" else f) for m in methods for f in ([1.0] if m == "dense" else cfg.task_fractions)]
     with DecodeSimulator(model) as sim:
-        if cfg.needle_lengths and cfg.needle_per_depth > 0 and result["needle"] is None:
+        def run_task(key: str, spec: dict, score) -> None:
+            """Every (method, budget) of a task, saved after each, so that --resume keeps what was done."""
+            old = result[key]
+            if old is not None and {k: v for k, v in old.items() if k != "results"} != spec:
+                raise SystemExit(f"the {key} results in {path} were made with other settings; remove them or drop --resume")
+            block = old if old is not None else {**spec, "results": []}
+            result[key] = block
+            done = {(r["method"], float(r["budget"])) for r in block["results"]}
+            for m, f in configs:
+                if (m, float(f)) in done:
+                    continue
+                method = build_method(m, 1, predictor) if m != "dense" else None
+                r = score(method, _plan_fn(f, cfg.sinks, cfg.window))
+                block["results"].append({"method": m, "budget": f, **r})
+                print(f"{key:6s} {m:14s} {f:>5.0%}  " + "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.endswith("accuracy")),
+                      file=sys.stderr, flush=True)
+                save()
+
+        if cfg.needle_lengths and cfg.needle_per_depth > 0:
             hay = TokenWindows(tokenizer, sources, max(cfg.needle_lengths), "all", seed=cfg.seed, root=cfg.data_dir, cache=True)
             haystack = torch.cat([hay[i] for i in range(len(hay))]).tolist()
             samples = [s for L in cfg.needle_lengths
                        for s in make_needle_samples(tokenizer, haystack, L, cfg.needle_depths, cfg.needle_per_depth, seed=cfg.seed,
                                                      key_kind=cfg.needle_key)]
             batches = needle_batches(samples, cfg.batch_size)
-            needle = {"lengths": cfg.needle_lengths, "depths": cfg.needle_depths, "per_depth": cfg.needle_per_depth,
-                      "key": cfg.needle_key,
-                      "prompt": "haystack with the needle + question, prefilled densely; the key decoded", "results": []}
-            for m, f in configs:
-                method = build_method(m, 1, predictor) if m != "dense" else None
-                r = _needle_accuracy(sim, batches, method, _plan_fn(f, cfg.sinks, cfg.window), device)
-                needle["results"].append({"method": m, "budget": f, **r})
-                print(f"needle {m:14s} {f:>5.0%}  accuracy {r['accuracy']:.3f}  token accuracy {r['token_accuracy']:.3f}",
-                      file=sys.stderr, flush=True)
-            result["needle"] = needle
-            save()
-        if cfg.coref_samples > 0 and result["coref"] is None:
+            spec = {"lengths": cfg.needle_lengths, "depths": cfg.needle_depths, "per_depth": cfg.needle_per_depth,
+                    "key": cfg.needle_key, "prompt": "haystack with the needle + question, prefilled densely; the key decoded"}
+            run_task("needle", spec, lambda method, plan_fn: _needle_accuracy(sim, batches, method, plan_fn, device))
+        if cfg.coref_samples > 0:
             samples = make_coref_samples(tokenizer, cfg.coref_samples, cfg.coref_tokens, seed=cfg.seed)
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
             cbatches = [coref_batch(samples[i : i + cfg.batch_size], pad) for i in range(0, len(samples), cfg.batch_size)]
-            coref = {"tokens": cfg.coref_tokens, "samples": cfg.coref_samples, "prefill_len": cfg.coref_prefill, "results": []}
-            for m, f in configs:
-                method = build_method(m, 1, predictor) if m != "dense" else None
-                acc = coref_accuracy(sim, cbatches, method, _plan_fn(f, cfg.sinks, cfg.window), cfg.coref_prefill, device)
-                coref["results"].append({"method": m, "budget": f, "accuracy": acc})
-                print(f"coref  {m:14s} {f:>5.0%}  accuracy {acc:.3f}", file=sys.stderr, flush=True)
-            result["coref"] = coref
-            save()
+            spec = {"tokens": cfg.coref_tokens, "samples": cfg.coref_samples, "prefill_len": cfg.coref_prefill}
+            run_task("coref", spec, lambda method, plan_fn: {
+                "accuracy": coref_accuracy(sim, cbatches, method, plan_fn, cfg.coref_prefill, device)})
     save()
     if cfg.plot and result["by_length"]:
         from butler_training.plots import plot_by_length, plot_recall_by_position
