@@ -268,6 +268,47 @@ def length_table(ev: dict) -> tuple[list[str], list[list[str]]]:
     return ["context", "budget", *methods], rows
 
 
+def task_table(ev: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The retrieval tasks of ``eval_by_length.json`` (pass key, co-reference): a row per (task, budget), a
+    column per method, accuracy with its count; dense (budget 100%) repeated on every row of its task.
+    ``None`` when the file holds neither task."""
+    tasks = [(k, ev[k]) for k in ("needle", "coref") if ev.get(k)]
+    if not tasks:
+        return None
+    methods = ["dense", *[m for m in LENGTH_METHODS if any(r["method"] == m for _, t in tasks for r in t["results"])]]
+    rows = []
+    for key, task in tasks:
+        cells = {(r["method"], float(r["budget"])): r for r in task["results"]}
+        if key == "needle":
+            lengths = ", ".join(f"{int(L):,}" for L in task["lengths"])
+            name = f"pass key ({task.get('key', 'digits')}), {lengths} tokens"
+        else:
+            name = f"co-reference, {int(task['tokens']):,} tokens"
+        for f in sorted({b for m, b in cells if m != "dense"}):
+            row = [name, f"{100 * f:g}%"]
+            for m in methods:
+                r = cells.get((m, 1.0) if m == "dense" else (m, f))
+                if r is None:
+                    row.append("–")
+                    continue
+                n = r.get("samples", task.get("samples"))
+                row.append(f"{r['accuracy']:.3f} ({round(r['accuracy'] * n)}/{n})" if n else _fmt(r["accuracy"], ".3f"))
+            rows.append(row)
+    return ["task", "budget", *methods], rows
+
+
+def task_sources(ev: dict) -> list[str]:
+    """One line per task: what a sample is and the run (command, machine) it comes from."""
+    lines = []
+    for key, what in (("needle", "pass key"), ("coref", "co-reference")):
+        task = ev.get(key)
+        if not task:
+            continue
+        src = task.get("source") or {"command": ev.get("command"), "machine": ev.get("machine")}
+        lines.append(f"{what}: `{src.get('command')}` on {src.get('machine') or 'a machine not recorded'}")
+    return lines
+
+
 def length_sources(ev: dict) -> list[str]:
     """One line per context length: windows, dense perplexity and the run (command, machine) it comes from."""
     lines = []
@@ -466,6 +507,10 @@ def _template_kwargs(inputs: CardInputs) -> dict:
                                   "every method at the same budget (positions read per decode step, sinks and window included)")
         kw["length_sources_block"] = "\n".join(f"  - {line}" for line in length_sources(evl))
         kw["has_length_plot"] = LENGTH_FILES[1] in inputs.files
+        tasks = task_table(evl)
+        if tasks is not None:
+            kw["task_table"] = _table(*tasks)
+            kw["task_sources_block"] = "\n".join(f"  - {line}" for line in task_sources(evl))
     ev2 = inputs.eval_extra
     if ev is not None and ev2 is not None:
         kw["extra_table"] = _table(EXTRA_COLUMNS, extra_rows(ev2))
@@ -617,6 +662,12 @@ def validate_card(card: ModelCard | str, *, eval_json: dict | None = None, eval_
         if _table_after(card.text, "| " + " | ".join(header) + " |") != ["| " + " | ".join(r) + " |" for r in rows]:
             problems.append("the by-length table differs from eval_by_length.json")
         checks.append("by-length table equals eval_by_length.json")
+        tasks = task_table(eval_by_length_json)
+        if tasks is not None:
+            header, rows = tasks
+            if _table_after(card.text, "| " + " | ".join(header) + " |") != ["| " + " | ".join(r) + " |" for r in rows]:
+                problems.append("the retrieval-task table differs from eval_by_length.json")
+            checks.append("retrieval-task table equals eval_by_length.json")
     if problems:
         raise ButlerError("model card validation failed:\n  - " + "\n  - ".join(problems))
     return checks

@@ -275,6 +275,40 @@ def test_by_length_table_comes_from_eval_by_length_json(tmp_path, measured_dir):
         cards.validate_card(text, eval_by_length_json=tampered)
 
 
+def test_retrieval_task_table_comes_from_eval_by_length_json(tmp_path, measured_dir):
+    """The pass-key and co-reference results of eval_by_length.json get a table (accuracy with counts, dense
+    on every row of its task, '–' for a method not run); a changed accuracy fails validation."""
+    import shutil
+
+    folder, ev = measured_dir
+    work = tmp_path / folder.name
+    shutil.copytree(folder, work)
+    block = {"dense_ppl": ev["dense_ppl"], "windows": ev["windows"], "results": ev["results"]}
+    needle = {"lengths": [4096], "key": "words", "results": [
+        {"method": "dense", "budget": 1.0, "accuracy": 0.8, "samples": 5},
+        {"method": "tokenbutler", "budget": 0.1, "accuracy": 0.6, "samples": 5},
+        {"method": "streaming_llm", "budget": 0.1, "accuracy": 0.0, "samples": 5},
+        {"method": "tokenbutler", "budget": 0.25, "accuracy": 0.8, "samples": 5}],
+        "source": {"command": "TEST FIXTURE: tasks", "machine": "m"}}
+    coref = {"tokens": 4096, "samples": 4, "results": [{"method": "dense", "budget": 1.0, "accuracy": 1.0},
+                                                       {"method": "tokenbutler", "budget": 0.1, "accuracy": 0.75}]}
+    by_length = {"split": ev["split"], "prefill_len": ev["prefill_len"], "settings": {"sinks": 2, "window": 4},
+                 "by_length": {"64": block}, "needle": needle, "coref": coref, "command": "TEST FIXTURE: run"}
+    (work / "eval_by_length.json").write_text(json.dumps(by_length))
+    text = str(cards.build_card(cards.card_inputs_for_folder(work, repo_id="test-org/tiny-butler")))
+    checks = cards.validate_card(text, eval_json=ev, eval_by_length_json=by_length)
+    assert "retrieval-task table equals eval_by_length.json" in checks
+    assert "| task | budget | dense | tokenbutler | streaming_llm |" in text
+    assert "| pass key (words), 4,096 tokens | 10% | 0.800 (4/5) | 0.600 (3/5) | 0.000 (0/5) |" in text
+    assert "| pass key (words), 4,096 tokens | 25% | 0.800 (4/5) | 0.800 (4/5) | – |" in text
+    assert "| co-reference, 4,096 tokens | 10% | 1.000 (4/4) | 0.750 (3/4) | – |" in text
+    assert "`TEST FIXTURE: tasks`" in text
+    tampered = json.loads(json.dumps(by_length))
+    tampered["coref"]["results"][1]["accuracy"] = 0.5
+    with pytest.raises(ButlerError, match="retrieval-task table differs"):
+        cards.validate_card(text, eval_by_length_json=tampered)
+
+
 def test_further_evaluation_table_comes_from_eval_extra_json(tmp_path, measured_dir):
     """eval_extra.json (a further `butler-zoo eval` run) gets its own table; a changed number fails validation."""
     import shutil
