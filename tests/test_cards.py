@@ -249,14 +249,19 @@ def test_readme_tables_are_current():
             assert cell == want, (cells[0], budget, method, cell, want)
 
 
-def test_by_length_table_comes_from_eval_by_length_json(tmp_path, measured_dir):
-    """eval_by_length.json gets its own table in the card, with each length's run; a changed number fails."""
+def _measured_copy(tmp_path, measured_dir):
+    """A copy of the measured predictor folder, its eval.json, and that eval as one length's block."""
     import shutil
 
     folder, ev = measured_dir
     work = tmp_path / folder.name
     shutil.copytree(folder, work)
-    block = {"dense_ppl": ev["dense_ppl"], "windows": ev["windows"], "results": ev["results"]}
+    return work, ev, {"dense_ppl": ev["dense_ppl"], "windows": ev["windows"], "results": ev["results"]}
+
+
+def test_by_length_table_comes_from_eval_by_length_json(tmp_path, measured_dir):
+    """eval_by_length.json gets its own table in the card, with each length's run; a changed number fails."""
+    work, ev, block = _measured_copy(tmp_path, measured_dir)
     by_length = {"split": ev["split"], "prefill_len": ev["prefill_len"], "settings": {"sinks": 2, "window": 4},
                  "by_length": {"64": block, "128": block},
                  "sources": {"64": {"command": "TEST FIXTURE: run A", "machine": "m"}, "128": {"command": "TEST FIXTURE: run B"}}}
@@ -278,12 +283,7 @@ def test_by_length_table_comes_from_eval_by_length_json(tmp_path, measured_dir):
 def test_retrieval_task_table_comes_from_eval_by_length_json(tmp_path, measured_dir):
     """The pass-key and co-reference results of eval_by_length.json get a table (accuracy with counts, dense
     on every row of its task, '–' for a method not run); a changed accuracy fails validation."""
-    import shutil
-
-    folder, ev = measured_dir
-    work = tmp_path / folder.name
-    shutil.copytree(folder, work)
-    block = {"dense_ppl": ev["dense_ppl"], "windows": ev["windows"], "results": ev["results"]}
+    work, ev, block = _measured_copy(tmp_path, measured_dir)
     needle = {"lengths": [4096], "key": "words", "results": [
         {"method": "dense", "budget": 1.0, "accuracy": 0.8, "samples": 5},
         {"method": "tokenbutler", "budget": 0.1, "accuracy": 0.6, "samples": 5},
