@@ -173,6 +173,10 @@ def test_tasks_alone_and_merged_over_an_earlier_run(trained, tmp_path):
     merged = json.loads((tmp_path / "m" / "eval_by_length.json").read_text())
     assert merged["seq_lens"] == [64] and merged["needle"]["key"] == "words" and merged["needle"]["source"]["file"] == b.name
     assert [n["key"] for n in merged["superseded"]["needle"]] == ["digits"] and len(merged["superseded"]["coref"]) == 1
+    # merged again (its own tasks replaced by the same run's): every provenance survives
+    again = merge_results([tmp_path / "m" / "eval_by_length.json"], tmp_path / "m2", tasks_from=b)
+    assert again["sources"] == merged["sources"] and again["sources"]["64"]["machine"] is not None
+    assert again["superseded"]["needle"][0]["source"] == merged["needle"]["source"]
 
 
 def test_tasks_resume_runs_only_what_is_missing(trained, tmp_path, monkeypatch):

@@ -251,7 +251,8 @@ def merge_results(paths: Sequence[str | Path], out: str | Path, tasks_from: str 
     """One ``eval_by_length.json`` from the lengths of several runs: each path is an ``eval_by_length.json``
     (its lengths, pass-key and co-reference results) or the ``eval.json`` of one length (what a run that
     stopped early left, ``DIR/len-L/eval.json``). Every length keeps the command, machine, versions and
-    windows of the run it came from (``sources``); a length given twice is an error. With ``tasks_from``
+    windows of the run it came from (``sources``, kept from a merged file given again); a length given twice
+    is an error. With ``tasks_from``
     (an ``eval_by_length.json``), the pass-key and co-reference results are that file's; those of ``paths``
     are kept under ``superseded``, with their provenance, so that nothing measured is lost."""
     merged: dict = {"by_length": {}, "needle": None, "coref": None, "sources": {}}
@@ -272,7 +273,7 @@ def merge_results(paths: Sequence[str | Path], out: str | Path, tasks_from: str 
                     continue
                 if merged[key]:
                     raise SystemExit(f"{path}: a second {key} result (--tasks-from FILE says which to keep)")
-                merged[key] = {**data[key], "source": prov}
+                merged[key] = {**data[key], "source": data[key].get("source", prov)}
         else:  # one length's eval.json
             blocks = {str(data["seq_len"]): {"dense_ppl": data["dense_ppl"], "windows": data["windows"],
                                              "results": data["results"]}}
@@ -280,7 +281,8 @@ def merge_results(paths: Sequence[str | Path], out: str | Path, tasks_from: str 
             if L in merged["by_length"]:
                 raise SystemExit(f"{path}: length {L} is already given by {merged['sources'][L]['file']}")
             merged["by_length"][L] = block
-            merged["sources"][L] = prov
+            # a merged file passed again keeps the provenance of each of its lengths
+            merged["sources"][L] = (data.get("sources") or {}).get(L) or prov
         for key in ("base_model", "predictor", "predictor_format", "split", "prefill_len", "settings", "base_weights"):
             if key in data and key not in merged:
                 merged[key] = data[key]
