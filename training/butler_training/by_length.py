@@ -227,7 +227,8 @@ def evaluate_by_length(cfg: LengthEvalConfig, *, model=None, tokenizer=None, pre
 
         plot_by_length(result, out / "eval_by_length.png")
         plot_recall_by_position(result, out / "recall_by_position.png")
-    print(format_length_table(result), file=sys.stderr)
+    if result["by_length"]:
+        print(format_length_table(result), file=sys.stderr)
     return result
 
 
