@@ -589,6 +589,12 @@ def _table_after(text: str, header: str) -> list[str]:
     return rows
 
 
+def _has_table(text: str, header, rows) -> bool:
+    """Whether ``text`` holds the table ``_table(header, rows)`` renders, every body row as rendered."""
+    rendered = _table(header, rows).splitlines()
+    return _table_after(text, rendered[0]) == rendered[2:]
+
+
 def validate_card(card: ModelCard | str, *, eval_json: dict | None = None, eval_extra_json: dict | None = None,
                   eval_by_length_json: dict | None = None) -> list[str]:
     """Check a card locally; raise :class:`ButlerError` listing every problem, else return the checks run.
@@ -658,14 +664,12 @@ def validate_card(card: ModelCard | str, *, eval_json: dict | None = None, eval_
             problems.append("the card does not name the command that produced eval_extra.json")
         checks.append("further-evaluation table equals eval_extra.json")
     if eval_by_length_json is not None:
-        header, rows = length_table(eval_by_length_json)
-        if _table_after(card.text, "| " + " | ".join(header) + " |") != ["| " + " | ".join(r) + " |" for r in rows]:
+        if not _has_table(card.text, *length_table(eval_by_length_json)):
             problems.append("the by-length table differs from eval_by_length.json")
         checks.append("by-length table equals eval_by_length.json")
         tasks = task_table(eval_by_length_json)
         if tasks is not None:
-            header, rows = tasks
-            if _table_after(card.text, "| " + " | ".join(header) + " |") != ["| " + " | ".join(r) + " |" for r in rows]:
+            if not _has_table(card.text, *tasks):
                 problems.append("the retrieval-task table differs from eval_by_length.json")
             checks.append("retrieval-task table equals eval_by_length.json")
     if problems:

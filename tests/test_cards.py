@@ -311,11 +311,7 @@ def test_retrieval_task_table_comes_from_eval_by_length_json(tmp_path, measured_
 
 def test_further_evaluation_table_comes_from_eval_extra_json(tmp_path, measured_dir):
     """eval_extra.json (a further `butler-zoo eval` run) gets its own table; a changed number fails validation."""
-    import shutil
-
-    folder, ev = measured_dir
-    work = tmp_path / folder.name
-    shutil.copytree(folder, work)
+    work, ev, _ = _measured_copy(tmp_path, measured_dir)
     extra = dict(ev, command="TEST FIXTURE: a second run", windows=ev["windows"] + 1)
     (work / "eval_extra.json").write_text(json.dumps(extra))
     inputs = cards.card_inputs_for_folder(work, repo_id="test-org/tiny-butler")
