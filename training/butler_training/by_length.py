@@ -42,6 +42,7 @@ from butler_training.evaluate import (
     load_for_eval,
     make_plan,
 )
+from butler_training.needle import KEY_KINDS
 
 __all__ = ["LengthEvalConfig", "evaluate_by_length", "main", "format_length_table", "merge_results"]
 
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle-lengths", nargs="*", type=int, default=d.needle_lengths, help="pass-key haystack lengths (none: skip)")
     p.add_argument("--needle-depths", nargs="+", type=float, default=d.needle_depths, help="needle depths, fractions")
     p.add_argument("--needle-per-depth", type=int, default=d.needle_per_depth, help=f"samples per length and depth (default {d.needle_per_depth})")
-    p.add_argument("--needle-key", choices=["words", "digits"], default=d.needle_key,
+    p.add_argument("--needle-key", choices=list(KEY_KINDS), default=d.needle_key,
                    help="the key: an invented word of random syllables, or a five-digit number (SmolLM2-135M fails "
                         f"digits even densely from 4K tokens on) (default {d.needle_key})")
     p.add_argument("--coref-tokens", type=int, default=d.coref_tokens, help=f"co-reference sample length (default {d.coref_tokens})")

@@ -27,7 +27,7 @@ import random
 
 import torch
 
-__all__ = ["KEY_KINDS", "NeedleSample", "make_needle_samples", "needle_batches", "NEEDLE", "QUESTION"]
+__all__ = ["KEY_KINDS", "NeedleSample", "make_needle_samples", "needle_batches"]
 
 # (needle, question): the needle names the key twice, as pass-key tests do
 KEY_KINDS = {
@@ -36,7 +36,6 @@ KEY_KINDS = {
     "digits": (" The pass key is {key}. Remember it. {key} is the pass key.",
                " What is the pass key? The pass key is"),
 }
-NEEDLE, QUESTION = KEY_KINDS["digits"]
 # syllables of the invented words: none is an English word on its own, so the model cannot complete one
 # from its first syllable (the co-reference task's names are made the same way)
 SYLLABLES = ("vel", "mor", "ka", "tri", "dan", "sul", "qua", "ren", "lis", "zan", "thu", "gor", "nim", "vra",
